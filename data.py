@@ -1,0 +1,574 @@
+"""
+data.py: text to batches, and the metrics that score them.
+
+Read top to bottom:
+  1. metrics in numpy: accuracy, F1, Matthews correlation, Pearson and Spearman (GLUE); corpus BLEU-4
+     with several references and ROUGE-L (E2E NLG);
+  2. the task table: the paper's eight GLUE tasks, each a folder of TSV files, with its columns,
+     labels and metric; a missing folder is downloaded from the canonical GLUE location;
+  3. the other readers: the built-in default task `mr` (movie-review polarity, read out of a PyPI
+     sdist) and E2E NLG (`meaning representation||reference`, one reference per line);
+  4. one seeded, hash-based split rule for every split this file makes;
+  5. tokenisation (sentence pairs, truncation; the LoRA NLG template for GPT-2) and batching
+     (padding per batch, length bucketing);
+  6. `load_task`, the one entry point train.py calls.
+
+A malformed row or an empty file is a ValueError naming the file and line: nothing is dropped.
+"""
+import csv
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from model import CACHE_DIR, download_url, pip_download
+
+IGNORE_INDEX = -100      # a label torch's cross_entropy skips: LM context and padding
+CLASSIFY_MAX_LEN = 128   # tokens per classification example (SPEC section 2, GLUE "max len 128")
+LM_MAX_LEN = 512         # tokens per E2E example (SPEC section 2, GPT-2 "len 512")
+SPLIT_SEED = 0           # seed of the split rule; separate from the training seed, so runs share a split
+MR_FRACTIONS = (("train", 0.8), ("dev", 0.1), ("test", 0.1))
+GLUE_DEV_FRACTION = 0.1  # share of GLUE train held out as dev for choosing the epoch (SPEC defect 9) ...
+GLUE_DEV_MAX = 2000      # ... capped, so that evaluating dev on MNLI or QQP stays cheap
+E2E_DEV_FRACTION = 0.1   # share of valid.txt's meaning representations held out as dev (no train.txt)
+BUCKET_BATCHES = 50      # length bucketing: sort by length inside windows of this many batches
+BLEU_MAX_N = 4           # BLEU-4 (Papineni et al., 2002)
+ROUGE_BETA = 1.2         # ROUGE-L recall weight of pycocoevalcap, which the E2E challenge scripts use
+HASH_BYTES = 8           # bytes of sha256 turned into a number in [0, 1) by the split rule
+DATA_URL = "https://dl.fbaipublicfiles.com"  # override: base_url= or env ADAMIX_DATA_URL (tests, mirrors)
+E2E_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "e2e"
+
+
+class Example(NamedTuple):
+    text_a: str
+    text_b: str | None   # second sentence of a pair task, None for single-sentence tasks
+    label: int | float   # class index, or the STS-B similarity score
+
+# -----------------------------------------------------------------------------
+# 1. Metrics. Predictions are class indices (STS-B: scores); every function returns a dict of floats.
+
+
+def _check(pred, gold):
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    if pred.shape != gold.shape or pred.ndim != 1 or len(pred) == 0:
+        raise ValueError(f"need two equal-length 1-d arrays, got shapes {pred.shape} and {gold.shape}")
+    return pred, gold
+
+
+def accuracy(pred, gold):
+    pred, gold = _check(pred, gold)
+    return {"accuracy": float(np.mean(pred == gold))}
+
+
+def f1_accuracy(pred, gold):
+    """F1 of the positive class (1) and accuracy: MRPC and QQP. F1 = 2 tp / (2 tp + fp + fn), the
+    harmonic mean of precision tp / (tp + fp) and recall tp / (tp + fn); 0 when tp = 0."""
+    pred, gold = _check(pred, gold)
+    p, g = pred == 1, gold == 1
+    tp, fp, fn = np.sum(p & g), np.sum(p & ~g), np.sum(~p & g)
+    return {"f1": float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0, **accuracy(pred, gold)}
+
+
+def matthews(pred, gold):
+    """Matthews correlation (CoLA): (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)), 0 if undefined."""
+    pred, gold = _check(pred, gold)
+    p, g = pred == 1, gold == 1
+    tp, tn = float(np.sum(p & g)), float(np.sum(~p & ~g))
+    fp, fn = float(np.sum(p & ~g)), float(np.sum(~p & g))
+    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return {"mcc": float((tp * tn - fp * fn) / den) if den else 0.0}
+
+
+def _pearson(x, y):
+    dx, dy = x - x.mean(), y - y.mean()
+    den = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
+    return float(np.sum(dx * dy) / den) if den else 0.0  # a constant input has no correlation: 0
+
+
+def _average_ranks(x):
+    """Ranks 1..N; tied values share the mean of the ranks they span ([5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)                       # rank of the last member of each group of equal values
+    return ((last - counts + 1 + last) / 2)[inverse]
+
+
+def correlations(pred, gold):
+    """Pearson and Spearman (Pearson of average ranks) correlations: STS-B."""
+    pred, gold = (a.astype(np.float64) for a in _check(pred, gold))
+    return {"pearson": _pearson(pred, gold), "spearman": _pearson(_average_ranks(pred), _average_ranks(gold))}
+
+
+def bleu_tokenize(text):
+    """BLEU/ROUGE tokens: lower-cased words (\\w+) and every other non-space character on its own."""
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu(hypotheses, references):
+    """Corpus BLEU-4 (Papineni et al., 2002), several references per hypothesis, no smoothing.
+
+    p_n = sum over sentences of n-gram counts clipped by the largest count in any one reference,
+    divided by the number of hypothesis n-grams; BLEU = BP * exp(mean_n log p_n), 0 if any p_n is 0.
+    Brevity penalty BP = min(1, exp(1 - r / c)), c = total hypothesis length, r = sum of the reference
+    lengths closest to each hypothesis (the shorter one on a tie, as NLTK)."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
+    matched, total, c, r = np.zeros(BLEU_MAX_N), np.zeros(BLEU_MAX_N), 0, 0
+    for hyp, refs in zip(hypotheses, references):
+        h, rs = bleu_tokenize(hyp), [bleu_tokenize(x) for x in refs]
+        c += len(h)
+        r += min((abs(len(x) - len(h)), len(x)) for x in rs)[1]
+        for n in range(1, BLEU_MAX_N + 1):
+            best = Counter()
+            for x in rs:
+                best |= _ngrams(x, n)                  # Counter | Counter: the larger count per n-gram
+            matched[n - 1] += sum((_ngrams(h, n) & best).values())  # &: the clipped count
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if c == 0 or np.any(matched == 0):
+        return 0.0
+    return float(min(1.0, np.exp(1 - r / c)) * np.exp(np.mean(np.log(matched / total))))
+
+
+def _lcs(a, b):
+    row = [0] * (len(b) + 1)                           # row[j] = LCS(a[:i], b[:j]) for the current i
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(hypotheses, references):
+    """ROUGE-L as pycocoevalcap computes it for the E2E challenge: per hypothesis P = max over references
+    of LCS / len(hyp), R = max of LCS / len(ref), F = (1 + b^2) P R / (R + b^2 P) with b = ROUGE_BETA;
+    the corpus score is the mean F over hypotheses."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
+    scores = []
+    for hyp, refs in zip(hypotheses, references):
+        h = bleu_tokenize(hyp)
+        lcs = [(_lcs(h, x), len(x)) for x in map(bleu_tokenize, refs)]
+        p = max((m / len(h) if h else 0.0) for m, _ in lcs)
+        r = max((m / n if n else 0.0) for m, n in lcs)
+        scores.append((1 + ROUGE_BETA ** 2) * p * r / (r + ROUGE_BETA ** 2 * p) if p and r else 0.0)
+    return float(np.mean(scores))
+
+
+def e2e_metric(hypotheses, references):
+    return {"bleu": corpus_bleu(hypotheses, references), "rouge_l": rouge_l(hypotheses, references)}
+
+# -----------------------------------------------------------------------------
+# 2. GLUE: one row per task. Columns are header names (CoLA's files have no header: indices).
+
+
+class GlueTask(NamedTuple):
+    folder: str                  # data_dir/<folder>/train.tsv and the dev files
+    text_a: str | int
+    text_b: str | int | None
+    label: str | int
+    labels: tuple | None         # label strings in class-index order; None: a float score
+    metric: Callable
+    main: str                    # the number reported for the task (LoRA's GLUE convention): picks the epoch
+    urls: tuple                  # files under DATA_URL that make the folder (zips are extracted)
+    dev_files: tuple = ("dev.tsv",)
+
+
+G = "glue/data/"  # the per-task files of the GLUE benchmark's download script (download_glue_data.py)
+NLI = ("entailment", "not_entailment")
+GLUE_TASKS = {
+    "mnli": GlueTask("MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
+                     accuracy, "accuracy", (G + "MNLI.zip",), ("dev_matched.tsv", "dev_mismatched.tsv")),
+    "qnli": GlueTask("QNLI", "question", "sentence", "label", NLI, accuracy, "accuracy", (G + "QNLIv2.zip",)),
+    "sst2": GlueTask("SST-2", "sentence", None, "label", ("0", "1"), accuracy, "accuracy", (G + "SST-2.zip",)),
+    "qqp": GlueTask("QQP", "question1", "question2", "is_duplicate", ("0", "1"), f1_accuracy, "accuracy",
+                    (G + "QQP-clean.zip",)),
+    # MRPC is in no GLUE zip: the script splits Microsoft's train file by a published list of dev ids.
+    "mrpc": GlueTask("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), f1_accuracy, "accuracy",
+                     ("senteval/senteval_data/msr_paraphrase_train.txt", G + "mrpc_dev_ids.tsv")),
+    # CoLA columns: source, label, original author's mark, sentence.
+    "cola": GlueTask("CoLA", 3, None, 1, ("0", "1"), matthews, "mcc", (G + "CoLA.zip",)),
+    "rte": GlueTask("RTE", "sentence1", "sentence2", "label", NLI, accuracy, "accuracy", (G + "RTE.zip",)),
+    "stsb": GlueTask("STS-B", "sentence1", "sentence2", "score", None, correlations, "pearson", (G + "STS-B.zip",)),
+}
+
+
+def read_glue(path, task):
+    """One GLUE TSV file -> [Example]. Every row must have as many columns as the header (CoLA, which
+    has none: 4), and a known label or a numeric score."""
+    spec, path = GLUE_TASKS[task], Path(path)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE text has bare quotes
+        cols = [spec.text_a, spec.text_b, spec.label]
+        header = None if isinstance(spec.label, int) else next(rows, [])
+        if header == []:
+            raise ValueError(f"{path}: no examples (empty file)")
+        if header is not None:
+            missing = [c for c in cols if c is not None and c not in header]
+            if missing:
+                raise ValueError(f"{path}:1: the header {header} has no column {missing}")
+            cols = [None if c is None else header.index(c) for c in cols]
+        width = len(header) if header else max(c for c in cols if c is not None) + 1
+        examples = []
+        for row in rows:
+            where = f"{path}:{rows.line_num}"
+            if len(row) != width:
+                raise ValueError(f"{where}: expected {width} tab-separated columns, found {len(row)}")
+            a, b, y = (None if c is None else row[c] for c in cols)
+            if spec.labels is None:
+                try:
+                    y = float(y)
+                except ValueError:
+                    raise ValueError(f"{where}: the score {y!r} is not a number") from None
+            elif y in spec.labels:
+                y = spec.labels.index(y)
+            else:
+                raise ValueError(f"{where}: unknown label {y!r}, expected one of {spec.labels}")
+            examples.append(Example(a, b, y))
+    if not examples:
+        raise ValueError(f"{path}: no examples (empty file)")
+    return examples
+
+
+def download_glue(task, data_dir, base_url=None):
+    """Fetch one task into data_dir/<folder>, atomically: the files are assembled in a temporary folder
+    that is renamed at the end, so an interrupted download never looks like a task folder."""
+    spec, data_dir = GLUE_TASKS[task], Path(data_dir)
+    base = (base_url or os.environ.get("ADAMIX_DATA_URL") or DATA_URL).rstrip("/")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", dir=data_dir))
+    try:
+        for rel in spec.urls:
+            try:
+                file = download_url(f"{base}/{rel}", tmp / Path(rel).name)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(
+                    f"{data_dir / spec.folder} does not exist and downloading it failed: {e}\nPut the GLUE "
+                    f"files there yourself: train.tsv, {', '.join(spec.dev_files)} (the standard layout).") from e
+            if file.suffix == ".zip":
+                with zipfile.ZipFile(file) as z:
+                    z.extractall(tmp)
+        if task == "mrpc":
+            _split_mrpc(tmp)
+        if not (tmp / spec.folder).is_dir():
+            raise ValueError(f"the files from {base} hold no folder {spec.folder}/")
+        os.replace(tmp / spec.folder, data_dir / spec.folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir / spec.folder
+
+
+def _split_mrpc(tmp):
+    """Build MRPC/train.tsv and dev.tsv as the GLUE script does: rows whose (#1 ID, #2 ID) is listed in
+    mrpc_dev_ids.tsv go to dev, the others to train; both keep the source file's header."""
+    with open(tmp / "mrpc_dev_ids.tsv", encoding="utf-8-sig", newline="") as f:
+        dev_ids = {tuple(row[:2]) for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
+    header, *rows = (tmp / "msr_paraphrase_train.txt").read_text(encoding="utf-8-sig").splitlines()
+    out = {"train.tsv": [header], "dev.tsv": [header]}
+    for row in rows:
+        out["dev.tsv" if tuple(row.split("\t")[1:3]) in dev_ids else "train.tsv"].append(row)
+    (tmp / "MRPC").mkdir()
+    for name, lines in out.items():
+        (tmp / "MRPC" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def load_glue(task, data_dir, split_seed=SPLIT_SEED, base_url=None):
+    """-> {"train", "dev", "test"} (MNLI adds "test_mismatched") lists of Examples.
+
+    GLUE's test labels are private, so papers (AdaMix included) report the GLUE dev set. Choosing the
+    best epoch on that same set is SPEC defect 9, so: "test" is the GLUE dev file (the reported number),
+    and "dev" (model selection) is a seeded hold-out of GLUE train: GLUE_DEV_FRACTION of it, at most
+    GLUE_DEV_MAX examples, by the hash rule of `split_by_hash`. "train" is the rest of GLUE train."""
+    spec, folder = GLUE_TASKS[task], Path(data_dir) / GLUE_TASKS[task].folder
+    if not folder.is_dir():
+        download_glue(task, data_dir, base_url)
+    train = read_glue(folder / "train.tsv", task)
+    held = min(GLUE_DEV_FRACTION, GLUE_DEV_MAX / len(train))
+    out = split_by_hash(train, (("train", 1 - held), ("dev", held)), split_seed)
+    for name, file in zip(("test", "test_mismatched"), spec.dev_files):
+        out[name] = read_glue(folder / file, task)
+    return out
+
+# -----------------------------------------------------------------------------
+# 3. The built-in default task `mr` and E2E NLG.
+
+MR_SDIST = ("vaderSentiment==3.3.2", "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
+MR_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"  # a tar.gz in the tar.gz
+MR_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+MR_LAST_POSITIVE_ID = 5331   # ids 1..5331 are the positive snippets, the rest negative (SPEC section 5)
+
+
+def _member(tar, name, where):
+    try:
+        return tar.extractfile(name).read()
+    except (KeyError, AttributeError):  # absent, or not a regular file
+        raise ValueError(f"{where}: no file {name} inside") from None
+
+
+def read_mr(sdist):
+    """The Pang & Lee movie-review sentences, read in memory from the vaderSentiment sdist -> [Example],
+    label 1 positive, 0 negative. Rows: `id <TAB> mean valence <TAB> sentence`, CRLF line ends. The label
+    comes from the id (the corpus's polarity), not from VADER's valence ratings."""
+    with tarfile.open(sdist) as outer:
+        nested = _member(outer, MR_ARCHIVE, sdist)
+    with tarfile.open(fileobj=io.BytesIO(nested)) as inner:
+        raw = _member(inner, MR_FILE, f"{sdist}:{MR_ARCHIVE}")
+    where = f"{sdist}:{MR_ARCHIVE}:{MR_FILE}"
+    # SPEC section 5 says latin-1, but the bytes are valid UTF-8 ("clichés" is b"clich\xc3\xa9s"):
+    # latin-1 would turn it into "clichÃ©s". A file that is not UTF-8 fails loudly here.
+    lines = raw.decode("utf-8").replace("\r\n", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()                                # a final line end (the real file has none)
+    examples = []
+    for n, line in enumerate(lines, 1):
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].strip():
+            raise ValueError(f"{where}:{n}: expected `id<TAB>mean valence<TAB>sentence`, got {line[:80]!r}")
+        examples.append(Example(parts[2].strip(), None, int(int(parts[0]) <= MR_LAST_POSITIVE_ID)))
+    if not examples:
+        raise ValueError(f"{where}: no examples (empty file)")
+    return examples
+
+
+def load_mr(split_seed=SPLIT_SEED, cache_dir=None, find_links=None):
+    """-> {"train", "dev", "test"}: MR_FRACTIONS of the sentences by `split_by_hash` (not stratified;
+    the sentence text is the hash key, so the corpus's two repeated sentences stay in one split).
+    find_links: a local folder holding the sdist, for machines without PyPI."""
+    sdist = pip_download(*MR_SDIST, cache_dir=cache_dir, sdist=True, find_links=find_links)
+    return split_by_hash(read_mr(sdist), MR_FRACTIONS, split_seed)
+
+
+def read_e2e(path):
+    """`meaning representation||reference` lines -> [(mr, [references])], grouped by meaning
+    representation in first-seen order. Both sides are stripped (the files end lines with a space)."""
+    groups = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = [p.strip() for p in line.split("||")]
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{path}:{n}: expected `meaning representation||reference`, got {line[:80]!r}")
+            groups.setdefault(parts[0], []).append(parts[1])
+    if not groups:
+        raise ValueError(f"{path}: no examples (empty file)")
+    return list(groups.items())
+
+# -----------------------------------------------------------------------------
+# 4. The split rule
+
+
+def _text_key(item):
+    return item[0] if isinstance(item[1], list) else f"{item.text_a}\t{item.text_b or ''}"
+
+
+def split_by_hash(items, fractions, seed=SPLIT_SEED):
+    """Split by a hash of each item's text: u = sha256(f"{seed}:{text}")'s first HASH_BYTES bytes as a
+    number in [0, 1); ((name, fraction), ...) takes u in consecutive intervals of those widths. The
+    sizes are those fractions up to sampling noise; an item's split depends only on its text and the
+    seed, never on numpy's generator, the row order or the machine; equal texts share a split."""
+    bounds, out = np.cumsum([f for _, f in fractions]), {name: [] for name, _ in fractions}
+    for item in items:
+        digest = hashlib.sha256(f"{seed}:{_text_key(item)}".encode("utf-8")).digest()
+        u = int.from_bytes(digest[:HASH_BYTES], "big") / 2 ** (8 * HASH_BYTES)
+        k = min(int(np.searchsorted(bounds, u, side="right")), len(fractions) - 1)
+        out[fractions[k][0]].append(item)
+    return out
+
+# -----------------------------------------------------------------------------
+# 5. Tokenisation and batching. An encoded example is a dict of int32 arrays plus its label.
+
+PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")  # BERT, RoBERTa, GPT-2 (no pad token: eos, masked)
+EOS_TOKENS = ("<|endoftext|>", "</s>", "[SEP]")
+
+
+def special_id(tokenizer, names):
+    for name in names:
+        if tokenizer.token_to_id(name) is not None:
+            return tokenizer.token_to_id(name)
+    raise ValueError(f"the tokenizer has none of the tokens {names}")
+
+
+def _plain(tokenizer):
+    tok = Tokenizer.from_str(tokenizer.to_str())   # a copy: the caller's tokenizer is left as it was
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def encode_examples(examples, tokenizer, max_len=CLASSIFY_MAX_LEN):
+    """[Example] -> [{"input_ids", "token_type_ids", "label"}]. Pair tasks are encoded as a pair
+    (BERT: [CLS] a [SEP] b [SEP] with token types 0 and 1). Truncation to max_len drops tokens from the
+    longer sentence first; the post-processor adds [CLS]/[SEP] afterwards, so they are never cut."""
+    tok = _plain(tokenizer)
+    tok.enable_truncation(max_len)
+    encs = tok.encode_batch([e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples])
+    return [{"input_ids": np.array(x.ids, np.int32), "token_type_ids": np.array(x.type_ids, np.int32),
+             "label": e.label} for x, e in zip(encs, examples)]
+
+
+def encode_lm(groups, tokenizer, eos_id, max_len=LM_MAX_LEN):
+    """[(mr, [references])] -> one LM example per reference, in the template of the LoRA NLG code
+    (gpt2_encode.py with --add_bos --add_eos): ids = enc(mr) + [eos] + enc(" " + reference) + [eos]
+    (GPT-2's bos is its eos, <|endoftext|>: it separates context from reference). labels = input_ids
+    on the reference and the final eos, IGNORE_INDEX on the context and separator. labels are aligned
+    with input_ids: the loss shifts them (logits[:, t] predicts labels[:, t + 1]). An example longer
+    than max_len is cut at the end, as LoRA's loader does."""
+    pairs = [(mr, ref) for mr, refs in groups for ref in refs]
+    tok, out = _plain(tokenizer), []
+    contexts = tok.encode_batch([mr for mr, _ in pairs], add_special_tokens=False)
+    targets = tok.encode_batch([" " + ref for _, ref in pairs], add_special_tokens=False)
+    for (mr, _), c, t in zip(pairs, contexts, targets):
+        context, target = c.ids + [eos_id], t.ids + [eos_id]
+        if len(context) >= max_len:
+            raise ValueError(f"the meaning representation {mr[:60]!r}... fills max_len={max_len} alone")
+        out.append({"input_ids": np.array(context + target, np.int32)[:max_len],
+                    "labels": np.array([IGNORE_INDEX] * len(context) + target, np.int32)[:max_len]})
+    return out
+
+
+def encode_prompts(groups, tokenizer, eos_id):
+    """Decoding prompts, one per meaning representation: enc(mr) + [eos], the context of `encode_lm`."""
+    tok = _plain(tokenizer)
+    return [np.array(c.ids + [eos_id], np.int32)
+            for c in tok.encode_batch([mr for mr, _ in groups], add_special_tokens=False)]
+
+
+def pad_prompts(prompts, pad_id):
+    """Left-pad prompts for batched generation: the last position of every row is its last prompt token."""
+    T = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)     # (B, T)
+    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)       # (B, T)
+    for i, p in enumerate(prompts):
+        input_ids[i, T - len(p):], attention_mask[i, T - len(p):] = torch.from_numpy(p), 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collate(examples, pad_id):
+    """Pad one batch to its longest example, on the right. -> input_ids, attention_mask (1 = token),
+    token_type_ids (encoder examples), labels: (B,) long, (B,) float for scores, (B, T) for LM."""
+    B, T = len(examples), max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((B, T), dtype=torch.long)}
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = torch.zeros((B, T), dtype=torch.long)
+    if "labels" in examples[0]:
+        batch["labels"] = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        for key in ("input_ids", "token_type_ids", "labels"):
+            if key in e:
+                batch[key][i, :n] = torch.from_numpy(e[key])
+    if "label" in examples[0]:
+        dtype = torch.float32 if isinstance(examples[0]["label"], float) else torch.long
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
+    return batch
+
+
+class Batches:
+    """An iterable over collated batches; the order is fixed when it is made (see `make_batches`)."""
+
+    def __init__(self, examples, index_batches, pad_id):
+        self.examples, self.index_batches, self.pad_id = examples, index_batches, pad_id
+
+    def __len__(self):
+        return len(self.index_batches)
+
+    def __iter__(self):
+        for idx in self.index_batches:
+            yield collate([self.examples[i] for i in idx], self.pad_id)
+
+
+def make_batches(examples, batch_size, shuffle=False, seed=0, pad_id=0, rank=0, world_size=1):
+    """One pass over `examples` in batches of batch_size (the last may be smaller).
+
+    shuffle=False (evaluation): in order, so predictions line up with the examples. shuffle=True
+    (training; pass seed + epoch for a new order each epoch): a seeded permutation, sorted by length
+    inside windows of BUCKET_BATCHES batches (similar lengths share a batch: less padding), then the
+    batches themselves shuffled. Data parallel: every rank builds the same order and takes every
+    world_size-th batch; when shuffling, the last len % world_size batches of the epoch are skipped so
+    that all ranks take the same number of steps."""
+    if not examples:
+        raise ValueError("no examples to batch")
+    order, rng = np.arange(len(examples)), np.random.default_rng(seed)
+    if shuffle:
+        order, window = rng.permutation(len(examples)), BUCKET_BATCHES * batch_size
+        lengths = np.array([len(e["input_ids"]) for e in examples])
+        order = np.concatenate([w[np.argsort(lengths[w], kind="stable")]
+                                for w in np.split(order, np.arange(window, len(order), window))])
+    batches = np.split(order, np.arange(batch_size, len(order), batch_size))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches = batches[:len(batches) - len(batches) % world_size]
+    return Batches(examples, batches[rank::world_size], pad_id)
+
+# -----------------------------------------------------------------------------
+# 6. The entry point
+
+
+@dataclass
+class TaskData:
+    name: str
+    splits: dict            # "train", "dev", "test" (MNLI: + "test_mismatched") -> encoded examples
+    metric: Callable        # metric(predictions, labels) -> dict; E2E: metric(hypotheses, references)
+    main_metric: str        # the key of metric's dict that chooses the epoch on dev and is reported
+    num_labels: int         # classifier outputs: 1 for a score (STS-B), 0 for language modelling (E2E)
+    pad_id: int
+    texts: dict             # split -> [Example] (E2E: [(mr, [references])]), the text behind `splits`
+    prompts: dict = field(default_factory=dict)  # E2E: "dev", "test" -> prompt ids, one per mr
+
+
+def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEED, base_url=None,
+              cache_dir=None):
+    """task: "mr" (built-in default), "e2e", or a GLUE task (mnli, qnli, sst2, qqp, mrpc, cola, rte,
+    stsb). data_dir: the GLUE root holding the task folders (default: <cache>/glue, downloaded there when
+    missing); the folder of E2E's {train,valid,test}.txt (default: ../shared/data/e2e); for mr, an
+    optional folder holding the vaderSentiment sdist (default: fetched by pip into the cache). max_len
+    defaults to CLASSIFY_MAX_LEN, or LM_MAX_LEN for E2E. For all tasks "dev" chooses the epoch and
+    "test" is the reported number (for GLUE, the GLUE dev set: see `load_glue`)."""
+    task = task.lower().replace("-", "")
+    pad_id = special_id(tokenizer, PAD_TOKENS)
+    if task == "e2e":
+        return _load_e2e(tokenizer, Path(data_dir or E2E_DIR), max_len or LM_MAX_LEN, split_seed, pad_id)
+    if task == "mr":
+        texts, metric, main, num_labels = load_mr(split_seed, cache_dir, data_dir), accuracy, "accuracy", 2
+    elif task in GLUE_TASKS:
+        spec = GLUE_TASKS[task]
+        texts = load_glue(task, data_dir or Path(cache_dir or CACHE_DIR) / "glue", split_seed, base_url)
+        metric, main, num_labels = spec.metric, spec.main, len(spec.labels) if spec.labels else 1
+    else:
+        raise ValueError(f"unknown task {task!r}: choose mr, e2e or one of {', '.join(GLUE_TASKS)}")
+    splits = {name: encode_examples(ex, tokenizer, max_len or CLASSIFY_MAX_LEN) for name, ex in texts.items()}
+    return TaskData(task, splits, metric, main, num_labels, pad_id, texts)
+
+
+def _load_e2e(tokenizer, folder, max_len, split_seed, pad_id):
+    """train.txt if present (the full release); otherwise, as ../shared/data/README.md suggests, train
+    on valid.txt minus a held-out E2E_DEV_FRACTION of its meaning representations (dev). test.txt is
+    the official test set. Split by meaning representation, so no mr is in two splits."""
+    if not (folder / "test.txt").exists():
+        raise FileNotFoundError(f"{folder / 'test.txt'} not found: pass data_dir= the folder of the E2E "
+                                "files in the one-line `mr||reference` format (train.txt, valid.txt, test.txt)")
+    if (folder / "train.txt").exists():
+        texts = {"train": read_e2e(folder / "train.txt"), "dev": read_e2e(folder / "valid.txt")}
+    else:
+        fractions = (("train", 1 - E2E_DEV_FRACTION), ("dev", E2E_DEV_FRACTION))
+        texts = split_by_hash(read_e2e(folder / "valid.txt"), fractions, split_seed)
+    texts["test"] = read_e2e(folder / "test.txt")
+    eos_id = special_id(tokenizer, EOS_TOKENS)
+    splits = {name: encode_lm(groups, tokenizer, eos_id, max_len) for name, groups in texts.items()}
+    prompts = {name: encode_prompts(texts[name], tokenizer, eos_id) for name in ("dev", "test")}
+    return TaskData("e2e", splits, e2e_metric, "bleu", 0, pad_id, texts, prompts)
