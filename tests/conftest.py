@@ -16,3 +16,7 @@ settings.register_profile("dev", deadline=None, max_examples=30,
 settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the test models are tiny: threads cost more than they save

@@ -1,0 +1,211 @@
+"""train.py end to end on a tiny BERT and a tiny GPT-2: it learns, it resumes exactly, its batched
+two-view step equals two passes, and two data-parallel ranks stay identical."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, ROOT
+
+import adamix
+import model as modeling
+import train
+
+WORDS = "the a film movie story plot actor scene music ending it was is this one".split()
+
+
+def tiny_checkpoint(folder, source="tiny-bert-legacy", dropout=None, vocab=None):
+    """A copy of a tiny fixture checkpoint with a vocabulary of our words (and dropout changed).
+
+    The fixture holds Hugging Face's initialisation (std 0.02): attention is then uniform and a token
+    barely changes another's state, so a frozen copy cannot be adapted to anything. The copy re-draws
+    every matrix at the scale of a trained network, N(0, 1/fan_in), seeded."""
+    shutil.copytree(FIXTURES / source, folder)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for name, w in state.items():
+        if name.endswith("weight") and w.dim() == 2:
+            state[name] = torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5
+    torch.save(state, folder / "pytorch_model.bin")
+    config = json.loads((folder / "config.json").read_text())
+    if dropout is not None:
+        config.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    (folder / "config.json").write_text(json.dumps(config))
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(special + (vocab or WORDS + ["good", "great", "bad", "awful"])))
+    return folder
+
+
+def synthetic_sst2(folder, n_train=320, n_test=96, seed=0):
+    """SST-2 layout: three random words and three cues, "good"/"great" (label 1) or "bad"/"awful" (0)."""
+    g = torch.Generator().manual_seed(seed)
+    (folder / "SST-2").mkdir(parents=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_test)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            cues = [["bad", "awful"], ["good", "great"]][label]
+            words = [WORDS[j] for j in torch.randint(len(WORDS), (3,), generator=g)]
+            words += [cues[j] for j in torch.randint(2, (3,), generator=g)]  # half the words carry the label
+            words = [words[j] for j in torch.randperm(len(words), generator=g)]
+            rows.append(f"{' '.join(words)}\t{label}")
+        (folder / "SST-2" / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture
+def sst2(tmp_path):
+    return tiny_checkpoint(tmp_path / "ckpt"), synthetic_sst2(tmp_path / "glue")
+
+
+def config(ckpt, glue, out_dir, **kw):
+    base = dict(model=str(ckpt), task="sst2", data_dir=str(glue), experts=2, bottleneck=8, epochs=4, batch_size=16,
+                lr=1e-2, warmup=0.1, max_len=16, eval_batch_size=64, log_interval=10_000, out_dir=str(out_dir))
+    return train.TrainConfig(**{**base, **kw})
+
+
+def test_adamix_learns_a_synthetic_task(sst2, tmp_path):
+    ckpt, glue = sst2
+    results = train.main(config(ckpt, glue, tmp_path / "out"))
+    history = results["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] < 0.75  # falls from about ln 2
+    assert results["test"]["merged"]["accuracy"] > 0.85                 # chance is 0.5
+    assert set(results["test"]) == {"merged", "random", "expert:0", "ensemble"}
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["test"] == results["test"] and saved["config"]["method"] == "adamix-adapter"
+    assert saved["parameters"]["trainable"] > saved["parameters"]["inference"] > 0
+
+
+@pytest.mark.parametrize("method", ["adamix-lora", "head-only", "full"])
+def test_other_methods_run(sst2, tmp_path, method):
+    ckpt, glue = sst2
+    results = train.main(config(ckpt, glue, tmp_path / "out", method=method, epochs=1))
+    assert 0.0 <= results["test"]["merged"]["accuracy"] <= 1.0
+
+
+def test_resume_gives_the_same_weights_as_no_interruption(sst2, tmp_path):
+    ckpt, glue = sst2
+    straight = train.main(config(ckpt, glue, tmp_path / "a", epochs=2))
+    assert train.main(config(ckpt, glue, tmp_path / "b", epochs=2, stop_after=7)) is None  # mid epoch 1 of 2
+    resumed = train.main(config(ckpt, glue, tmp_path / "b", epochs=2, resume=True))
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] and a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        assert torch.equal(a["weights"][name], b["weights"][name]), name
+    assert resumed["test"] == straight["test"]
+    assert [h["dev"] for h in resumed["history"]] == [h["dev"] for h in straight["history"]]
+
+
+def test_batched_two_views_equal_two_passes(tmp_path):
+    """With dropout off, one forward of 2B examples with routes (p, q) equals two forwards with p and q."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", dropout=0.0)
+    net = modeling.from_pretrained(ckpt, num_labels=2)
+    router = adamix.add_adamix(net, ["*.mlp.fc_out"], "adapter", adamix.AdaMixConfig(num_experts=3, r=4, share="none"))
+    for p in adamix.mixtures(net)[0].parameters():  # move off the exact init so the experts differ clearly
+        p.data.add_(0.05 * torch.randn_like(p))
+    net.train()
+    batch = {"input_ids": torch.randint(5, 20, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    batch["attention_mask"][1, 5:] = 0
+    plan = router.sample(views=2)
+    plan[0, :, 0] = torch.tensor([0, 2])  # make sure the two views really take different experts
+    cfg = train.TrainConfig(consistency=1.0, batched_views=True)
+    with router.use(plan):  # training_loss samples a plan itself; pin ours instead
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+        logits_a, logits_b = train.predict(net, doubled).chunk(2)
+    with router.use(plan[:, :1]):
+        first = train.predict(net, batch)
+    with router.use(plan[:, 1:]):
+        second = train.predict(net, batch)
+    torch.testing.assert_close(logits_a, first, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits_b, second, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(first, second)
+    # and the loss train.py computes for the batched step uses them as the two views
+    router.sample = lambda views=1: plan  # training_loss draws with router.sample(views=2)
+    loss = train.training_loss(net, router, batch, cfg, "classification")
+    expected = torch.nn.functional.cross_entropy(first, batch["labels"]) + adamix.consistency_loss(first, second)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(sst2, tmp_path, monkeypatch):
+    ckpt, glue = sst2
+    cfg = config(ckpt, glue, tmp_path / "out", epochs=2)
+    train.main(config(ckpt, glue, tmp_path / "out", epochs=2, stop_after=3))
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    real = train.training_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        return real(*args) * (float("nan") if len(calls) == 2 else 1.0)
+    monkeypatch.setattr(train, "training_loss", poisoned)
+    with pytest.raises(SystemExit, match="step 4: the loss is nan"):
+        train.main(train.TrainConfig(**{**cfg.__dict__, "resume": True}))
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_e2e_language_modelling_with_adamix_lora(tmp_path):
+    """GPT-2 path: LM loss on the reference only, masked consistency term, beam search, BLEU."""
+    vocab = ["<|endoftext|>"] + "name food area price the serves is in a and".split() + [
+        "[", "]", ",", ".", "Alimentum", "Aromi", "Italian", "Chinese", "riverside", "centre", "cheap", "high"]
+    folder = tmp_path / "gpt2"
+    shutil.copytree(FIXTURES / "tiny-gpt2", folder)
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+    lines = []
+    for n in ("Alimentum", "Aromi"):
+        for f in ("Italian", "Chinese"):
+            for a in ("riverside", "centre"):
+                mr = f"name [ {n} ] , food [ {f} ] , area [ {a} ]"
+                lines += [f"{mr}||{n} serves {f} food in the {a} .", f"{mr}||{n} is a {f} in the {a} ."]
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    (e2e / "valid.txt").write_text("\n".join(lines * 3) + "\n")
+    (e2e / "test.txt").write_text("\n".join(lines[:8]) + "\n")
+    cfg = train.TrainConfig(model=str(folder), task="e2e", data_dir=str(e2e), method="adamix-lora", experts=2,
+                            lora_rank=4, consistency=100.0, epochs=2, batch_size=8, lr=1e-2, max_len=64, beam=2,
+                            max_new_tokens=12, eval_batch_size=8, log_interval=10_000, out_dir=str(tmp_path / "out"))
+    results = train.main(cfg)
+    assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
+    for mode in ("merged", "random", "expert:0"):
+        assert 0.0 <= results["test"][mode]["bleu"] <= 1.0
+
+
+def test_two_process_torchrun_keeps_ranks_identical(sst2, tmp_path):
+    """torchrun on CPU (gloo): both ranks draw the same routes and end with bit-identical weights."""
+    ckpt, glue = sst2
+    script = tmp_path / "run_rank.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import adamix, train
+nets = []
+build = train.build
+train.build = lambda *a: nets.append(build(*a)) or nets[-1]  # keep the model to save it below
+cfg = train.parse_args(sys.argv[1:])
+train.main(cfg)  # stop_after the last step: returns before reloading the best weights from disk
+torch.save(adamix.adamix_state_dict(nets[0][0]), os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.pt"))
+""")
+    steps = 6
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(script), "--model", str(ckpt), "--task", "sst2", "--data_dir", str(glue), "--experts", "2",
+           "--bottleneck", "8", "--batch_size", "8", "--max_steps", str(steps), "--stop_after", str(steps),
+           "--max_len", "16", "--out_dir", str(tmp_path / "out"), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys()
+    torch.manual_seed(0)  # as train.main does before building, so the new head starts the same
+    start = adamix.adamix_state_dict(train.build(train.TrainConfig(model=str(ckpt), experts=2, bottleneck=8), 2)[0])
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

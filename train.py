@@ -1,0 +1,427 @@
+"""
+train.py: fine-tune a frozen pretrained Transformer with AdaMix (or a baseline) and report test metrics.
+
+    python train.py                                   # AdaMix adapters, all-MiniLM-L6-v2, movie reviews
+    python train.py --method lora --seed 1            # a baseline
+    python train.py --preset roberta-large-glue --task rte --data_dir glue   # the paper's setup
+    torchrun --nproc_per_node 2 train.py              # data parallel (every rank draws the same routes)
+
+The loop follows nanoGPT's order: learning rate, forward (two views for the consistency loss),
+backward with the loss divided by the accumulation count, clip, step, zero_grad(set_to_none=True),
+log; evaluate on dev after every epoch with merged experts, keep the best epoch by dev, and test
+it at the end with every inference mode (merged, random expert, expert 0, ensemble).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import adamix
+import data
+import model as modeling
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "minilm"             # a local checkpoint folder, "minilm" (built in) or a hub id
+    task: str = "mr"                  # "mr" (built in), a GLUE task (sst2, mnli, ...) or "e2e"
+    data_dir: str | None = None       # folder with the GLUE task folders or the e2e files
+    method: str = "adamix-adapter"    # adamix-adapter | adamix-lora | adapter | lora | head-only | full
+    # the adaptation modules (defaults: the official BERT/RoBERTa GLUE scripts, SPEC section 2)
+    experts: int = 4                  # M; ignored by the single-module baselines
+    bottleneck: int = 16              # adapter bottleneck r (RoBERTa-large GLUE: 16, BERT-base: 48)
+    lora_rank: int = 8                # LoRA rank r (GPT-2 E2E: 4)
+    lora_alpha: float = 16.0          # LoRA scale alpha (GPT-2 E2E: 32)
+    lora_dropout: float = 0.1         # dropout on the LoRA input (GPT-2 E2E: 0.1)
+    share: str = "up"                 # which side is shared by all experts: up | down | none
+    consistency: float = -1.0         # lambda of the consistency loss (GLUE 1, GPT-2 LM 100); 0 turns it off;
+                                      # -1: 1 for the AdaMix methods, 0 (one pass) for the baselines
+    consistency_kind: str = "kl_sg"   # kl_sg (official, stop-gradient) | kl | mse (regression)
+    batched_views: bool = False       # run the two views as one forward of 2B examples
+    # optimisation (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
+    lr: float = 1e-3                  # higher than the paper's 4e-4 because the default run is short
+    weight_decay: float = 0.1         # not applied to biases and LayerNorm weights
+    warmup: float = 0.06              # a fraction of all steps, or a number of steps if >= 1
+    epochs: int = 2                   # the paper trains 20-40 epochs; the default run is a CPU demo
+    max_steps: int = 0                # stop after this many optimiser steps (0: run all epochs)
+    batch_size: int = 32              # per rank and micro-step; out of memory? halve it, double grad_accum
+    grad_accum: int = 1               # micro-steps per optimiser step
+    max_len: int = 64                 # tokens per example (GLUE 128, E2E 512); MR sentences are short
+    grad_clip: float = 1.0            # 0 turns clipping off
+    label_smoothing: float = 0.0      # E2E / WebNLG: 0.1
+    seed: int = 0                     # data order, dropout, new heads and the routing generator
+    # evaluation and output
+    eval_batch_size: int = 128
+    beam: int = 10                    # E2E decoding (paper: beam 10, length penalty 0.8, no repeated 4-grams)
+    length_penalty: float = 0.8
+    no_repeat_ngram: int = 4
+    max_new_tokens: int = 64
+    eval_limit: int = 0               # evaluate on at most this many examples per split (0: all)
+    log_interval: int = 20
+    out_dir: str = "out"
+    resume: bool = False              # continue from out_dir/ckpt.pt
+    stop_after: int = 0               # stop (as if killed) after this many steps; tests use it for --resume
+    device: str = "auto"              # auto | cpu | cuda
+
+
+PRESETS = {  # the paper's configurations (SPEC section 2); pass --task and --data_dir with them
+    "roberta-large-glue": dict(model="roberta-large", method="adamix-adapter", experts=4, bottleneck=16,
+                               share="up", lr=3e-4, epochs=20, batch_size=64, max_len=128, consistency=1.0),
+    "bert-base-glue": dict(model="bert-base-uncased", method="adamix-adapter", experts=4, bottleneck=48,
+                           share="up", lr=4e-4, epochs=40, batch_size=64, max_len=128, consistency=1.0),
+    "gpt2-medium-e2e": dict(model="gpt2-medium", task="e2e", method="adamix-lora", experts=8, lora_rank=4,
+                            lora_alpha=32.0, lora_dropout=0.1, share="up", lr=2e-4, epochs=20, batch_size=8,
+                            max_len=512, warmup=2000, label_smoothing=0.1, consistency=100.0),
+}
+GROUPS = {  # argparse groups, in the order of the dataclass
+    "what to train": "model task data_dir method",
+    "adaptation modules": "experts bottleneck lora_rank lora_alpha lora_dropout share consistency "
+                          "consistency_kind batched_views",
+    "optimisation (out of memory? lower batch_size and raise grad_accum)":
+        "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed",
+    "evaluation and output": "eval_batch_size beam length_penalty no_repeat_ngram max_new_tokens eval_limit "
+                             "log_interval out_dir resume stop_after device",
+}
+
+
+def parse_args(argv=None):
+    """Defaults from TrainConfig, then a --preset, then the flags given on the command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's configurations")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in GROUPS.items():
+        g = p.add_argument_group(title)
+        for name in names.split():
+            default = fields[name].default
+            if isinstance(default, bool):
+                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+            else:
+                kind = type(default) if default is not None else str
+                g.add_argument(f"--{name}", type=kind, default=None, help=f"default: {default}")
+    args = vars(p.parse_args(argv))
+    overrides = PRESETS.get(args.pop("preset"), {})
+    overrides.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**overrides)
+
+
+# -----------------------------------------------------------------------------
+# the model with its adaptation modules
+
+def build(cfg, num_labels):
+    """The pretrained model, AdaMix (or a baseline) added, and only the trainable part unfrozen."""
+    net = modeling.from_pretrained(cfg.model, num_labels=num_labels)
+    router = None
+    if cfg.method in ("adamix-adapter", "adapter", "adamix-lora", "lora"):
+        single = not cfg.method.startswith("adamix")  # a baseline is AdaMix with one expert
+        experts = 1 if single else cfg.experts
+        if cfg.method.endswith("adapter"):  # SPEC 2: after the FFN output projection of every layer
+            kind, targets, r = "adapter", ["*.mlp.fc_out"], cfg.bottleneck
+        else:  # LoRA on the query and value projections
+            kind, targets, r = "lora", ["*.attn.query", "*.attn.value"], cfg.lora_rank
+        mix = adamix.AdaMixConfig(num_experts=experts, r=r, share=cfg.share, lora_alpha=cfg.lora_alpha,
+                                  lora_dropout=cfg.lora_dropout)
+        router = adamix.add_adamix(net, targets, kind, mix, seed=cfg.seed)
+    if cfg.method == "full":
+        net.requires_grad_(True)
+    else:
+        adamix.mark_only_adamix_trainable(net, head="head")
+    return net, router
+
+
+def make_optimizer(net, cfg):
+    """AdamW; no weight decay on biases and LayerNorm weights (every 1-d tensor)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=False)
+
+
+def get_lr(step, total, cfg):
+    """Linear warm-up to cfg.lr, then linear decay to zero at the last step."""
+    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))
+
+
+# -----------------------------------------------------------------------------
+# one forward pass, the loss, and evaluation
+
+def predict(net, batch):
+    """Logits for one batch: (B, num_labels) for classification, (B, T, V) for language modelling."""
+    hidden = net(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (B, T, C)
+    return net.classify(hidden, batch["attention_mask"]) if net.head is not None else net.lm_logits(hidden)
+
+
+def task_loss(logits, labels, kind, label_smoothing=0.0):
+    if kind == "regression":  # STS-B: one output, squared error
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    if kind == "lm":  # next-token prediction on the reference tokens only (labels -100 elsewhere)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def training_loss(net, router, batch, cfg, kind):
+    """CE on the first view plus lambda times the consistency loss between two routed views (SPEC eq. 3)."""
+    two_views = cfg.consistency > 0
+    if not two_views:
+        logits_a = predict(net, batch)
+        return task_loss(logits_a, batch["labels"], kind, cfg.label_smoothing)
+    if cfg.batched_views:  # one forward of 2B examples; the first half takes route 1, the second route 2
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+        plan = router.sample(views=2) if router is not None else None
+        with router.use(plan) if router is not None else nullcontext():
+            logits_a, logits_b = predict(net, doubled).chunk(2)
+    else:  # two forwards; the router draws a fresh route for each
+        logits_a, logits_b = predict(net, batch), predict(net, batch)
+    if kind == "lm":  # the consistency term is averaged over the target tokens (SPEC eq. 3)
+        reg = adamix.consistency_loss(logits_a[:, :-1].float(), logits_b[:, :-1].float(),
+                                      mask=batch["labels"][:, 1:] != -100, kind=cfg.consistency_kind)
+    else:
+        reg = adamix.consistency_loss(logits_a.float(), logits_b.float(),
+                                      kind="mse" if kind == "regression" else cfg.consistency_kind)
+    return task_loss(logits_a, batch["labels"], kind, cfg.label_smoothing) + cfg.consistency * reg
+
+
+@torch.no_grad()
+def evaluate(net, router, examples, task, cfg, mode, ctx, device):
+    """The task's metrics on `examples` with the experts combined as `mode` (see adamix.set_inference)."""
+    net.eval()
+    if router is not None:
+        adamix.set_inference(net, mode)
+    if cfg.eval_limit:
+        examples = examples[:cfg.eval_limit]
+    outputs, labels, loss_sum, tokens = [], [], 0.0, 0
+    for batch in data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with ctx:
+            forward = lambda: predict(net, batch).float()
+            logits = adamix.ensemble(router, forward) if mode == "ensemble" else forward()
+        if task.kind == "lm":  # dev metric of a language model: loss per target token
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum, tokens = loss_sum + task_loss(logits, batch["labels"], "lm").item() * n, tokens + n
+        else:
+            outputs.append(logits.squeeze(-1) if task.kind == "regression" else logits.argmax(-1))
+            labels.append(batch["labels"])
+    net.train()
+    if task.kind == "lm":
+        return {"loss": loss_sum / tokens, "ppl": math.exp(loss_sum / tokens)}
+    return task.metric(torch.cat(outputs).cpu().numpy(), torch.cat(labels).cpu().numpy())
+
+
+@torch.no_grad()
+def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split="test"):
+    """E2E: beam-search a text for every meaning representation and score it against all its references."""
+    net.eval()
+    if router is not None:
+        adamix.set_inference(net, mode)
+    prompts = task.prompts[split][:cfg.eval_limit or None]
+    references = [refs for _, refs in task.texts[split]][:len(prompts)]
+    eos = data.special_id(tokenizer, data.EOS_TOKENS)
+    hypotheses, size = [], max(1, cfg.eval_batch_size // cfg.beam)
+    for i in range(0, len(prompts), size):
+        batch = {k: v.to(device) for k, v in data.pad_prompts(prompts[i:i + size], task.pad_id).items()}
+        with ctx:
+            out = modeling.generate(net, batch["input_ids"], cfg.max_new_tokens, num_beams=cfg.beam,
+                                    length_penalty=cfg.length_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram,
+                                    eos_token_id=eos, attention_mask=batch["attention_mask"])
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():  # the new tokens, up to the first EOS
+            hypotheses.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip())
+    net.train()
+    return task.metric(hypotheses, references)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def small_state(net, cfg):
+    """What deployment needs: the AdaMix experts and the head (the whole model for --method full)."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.method == "full" \
+        else adamix.adamix_state_dict(net, head="head")
+
+
+def load_small_state(net, state, cfg):
+    if cfg.method == "full":
+        net.load_state_dict(state)  # strict
+    else:
+        adamix.load_adamix_state_dict(net, state)  # strict: missing or unexpected names are an error
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    if cfg.consistency < 0:
+        cfg = dataclasses.replace(cfg, consistency=1.0 if cfg.method.startswith("adamix") else 0.0)
+    # --- distributed set-up: torchrun sets RANK; every rank draws the same routes (same router seed)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    out_dir = Path(cfg.out_dir)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- data and model (the same seed on every rank, so new heads start identical)
+    torch.manual_seed(cfg.seed)
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
+    task.kind = {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
+    train, dev, test = task.splits["train"], task.splits["dev"], task.splits["test"]
+    net, router = build(cfg, task.num_labels or None)
+    net.to(device)
+    optimizer = make_optimizer(net, cfg)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    counts = adamix.count_parameters(net)
+    epoch_batches = lambda epoch: list(data.make_batches(  # the order depends only on (seed, epoch): resumable
+        train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, pad_id=task.pad_id, rank=rank, world_size=world))
+    steps_per_epoch = len(epoch_batches(0)) // cfg.grad_accum
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} training examples make no full step of batch_size {cfg.batch_size} "
+                         f"x grad_accum {cfg.grad_accum} x {world} ranks; lower them")
+    if master:
+        print(f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable parameters, "
+              f"{counts['inference']:,} added at inference; {len(train):,} train / {len(dev):,} dev / "
+              f"{len(test):,} test examples; {total_steps} steps on {world} x {device}")
+
+    # --- state that --resume restores
+    step, best, history, losses = 0, None, [], []  # losses: this epoch's training losses, for the log
+    torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
+    if cfg.resume:
+        ckpt = torch.load(out_dir / "ckpt.pt", map_location=device, weights_only=False)
+        load_small_state(net, ckpt["weights"], cfg)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if router is not None:
+            router.load_state_dict(ckpt["router"])
+        torch.set_rng_state(ckpt["rng"][rank].cpu())
+        step, best, history, losses = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["losses"]
+        if master:
+            print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
+
+    def checkpoint():
+        rngs = [torch.empty(0, dtype=torch.uint8) for _ in range(world)]
+        if ddp:
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        else:
+            rngs = [torch.get_rng_state()]
+        if master:
+            save_atomic(dict(config=dataclasses.asdict(cfg), step=step, best=best, history=history, losses=losses,
+                             weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
+                             router=router.state_dict() if router is not None else None), out_dir / "ckpt.pt")
+
+    higher_is_better = task.kind != "lm"
+    t0 = time.time()
+    start_step = step
+    batches = []
+    net.train()
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        if k == 0 or not batches:
+            batches = epoch_batches(epoch)
+
+        # --- one optimiser step: learning rate, micro-steps, clip, step, zero_grad
+        lr = get_lr(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            batch = {name: t.to(device) for name, t in batches[k * cfg.grad_accum + micro].items()}
+            with ctx:
+                loss = training_loss(net, router, batch, cfg, task.kind)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint "
+                                 f"is {out_dir / 'ckpt.pt'} (lower --lr, or check the data)")
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.item() / cfg.grad_accum)
+        if ddp:  # average gradients by hand: the trainable set is small, and unrouted experts have none
+            for p in trainable:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # an expert that was not routed keeps grad None: no update
+        step += 1
+
+        # --- log, evaluate at the end of every epoch (and after the last step), checkpoint
+        if master and (step % cfg.log_interval == 0 or step == total_steps):
+            rate = (step - start_step) / (time.time() - t0)
+            print(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                  f"{rate:.2f} steps/s | {(total_steps - step) / rate / 60:.1f} min left", flush=True)
+        if step % steps_per_epoch == 0 or step == total_steps:
+            dev_metrics = evaluate(net, router, dev, task, cfg, "merged", ctx, device)
+            score = dev_metrics["loss" if task.kind == "lm" else task.main_metric]  # LM: pick by dev loss
+            improved = best is None or (score > best if higher_is_better else score < best)
+            history.append(dict(step=step, epoch=step / steps_per_epoch, train_loss=sum(losses) * cfg.grad_accum
+                                / len(losses), dev=dev_metrics, best=improved))
+            losses = []
+            if improved:
+                best = score
+                if master:
+                    save_atomic(dict(config=dataclasses.asdict(cfg), step=step, dev=dev_metrics,
+                                     weights=small_state(net, cfg)), out_dir / "model.pt")
+            if master:
+                print(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+                      + (" (best so far, saved model.pt)" if improved else ""), flush=True)
+            checkpoint()
+        if step == cfg.stop_after:
+            checkpoint()
+            if master:
+                print(f"stopping after step {step} as asked (--stop_after); continue with --resume")
+            if ddp:
+                dist.destroy_process_group()
+            return None
+    wall = time.time() - t0
+
+    # --- test the best epoch (chosen on dev) with every way of combining the experts
+    if ddp:
+        dist.barrier()
+    load_small_state(net, torch.load(out_dir / "model.pt", map_location=device, weights_only=False)["weights"], cfg)
+    modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
+    if task.kind == "lm":  # an ensemble would average logits inside beam search: not done here
+        modes = modes[:3]
+    test_metrics = {}
+    for mode in modes:
+        test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
+                      else decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device))
+    results = dict(config=dataclasses.asdict(cfg), parameters=counts, history=history, test=test_metrics,
+                   wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world, device=device)
+    if master:
+        print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples):")
+        for mode, metrics in test_metrics.items():
+            print(f"  {mode:<10}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+        save_atomic_json(results, out_dir / "metrics.json")
+        print(f"wrote {out_dir / 'metrics.json'}")
+    if ddp:
+        dist.destroy_process_group()
+    return results
+
+
+def save_atomic_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main(parse_args())
