@@ -66,7 +66,7 @@ class TrainConfig:
     length_penalty: float = 0.8
     no_repeat_ngram: int = 4
     max_new_tokens: int = 64
-    eval_limit: int = 0               # evaluate on at most this many examples per split (0: all)
+    eval_limit: int = 0               # evaluate on at most this many examples per split (0: all), for quick looks
     log_interval: int = 20
     out_dir: str = "out"
     resume: bool = False              # continue from out_dir/ckpt.pt
@@ -119,7 +119,11 @@ def parse_args(argv=None):
 
 def build(cfg, num_labels):
     """The pretrained model, AdaMix (or a baseline) added, and only the trainable part unfrozen."""
-    net = modeling.from_pretrained(cfg.model, num_labels=num_labels)
+    return adapt(modeling.from_pretrained(cfg.model, num_labels=num_labels), cfg)
+
+
+def adapt(net, cfg):
+    """Add cfg.method's modules to `net` and freeze all but them and the head. -> (net, Router or None)"""
     router = None
     if cfg.method in ("adamix-adapter", "adapter", "adamix-lora", "lora"):
         single = not cfg.method.startswith("adamix")  # a baseline is AdaMix with one expert
@@ -201,8 +205,8 @@ def evaluate(net, router, examples, task, cfg, mode, ctx, device):
     net.eval()
     if router is not None:
         adamix.set_inference(net, mode)
-    if cfg.eval_limit:
-        examples = examples[:cfg.eval_limit]
+    if cfg.eval_limit:  # a quick look: evenly spaced examples (the splits are not shuffled)
+        examples = examples[::math.ceil(len(examples) / cfg.eval_limit)]
     outputs, labels, loss_sum, tokens = [], [], 0.0, 0
     for batch in data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -227,8 +231,9 @@ def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split
     net.eval()
     if router is not None:
         adamix.set_inference(net, mode)
-    prompts = task.prompts[split][:cfg.eval_limit or None]
-    references = [refs for _, refs in task.texts[split]][:len(prompts)]
+    every = math.ceil(len(task.prompts[split]) / cfg.eval_limit) if cfg.eval_limit else 1
+    prompts = task.prompts[split][::every]
+    references = [refs for _, refs in task.texts[split]][::every]
     eos = data.special_id(tokenizer, data.EOS_TOKENS)
     hypotheses, size = [], max(1, cfg.eval_batch_size // cfg.beam)
     for i in range(0, len(prompts), size):

@@ -1,0 +1,229 @@
+"""
+bench.py: what AdaMix costs, measured in one run on this machine and reported as ratios.
+
+    python bench.py                          # all-MiniLM-L6-v2, batch 32 x 64 tokens, CUDA if present
+    python bench.py --batch_size 16 --seq_len 128 --out bench.json
+    python bench.py --results runs/mr        # the results table of the README, from train.py's metrics.json
+
+Training: one optimiser step (forward passes, loss, backward, AdamW, zero_grad) of AdaMix against a
+single adapter, LoRA and the head alone. The paper's claim: a step costs what its two forward passes
+cost (two views for the consistency loss), not M times more, because each pass routes through one
+expert. Inference: the merged model against a single adapter (AdaMix-adapter) and against the plain
+pretrained model (AdaMix-LoRA folded into the frozen weights): the claim is equal cost.
+Every configuration is timed in interleaved rounds and the median is kept, so that a slow moment of
+the machine hits all of them alike; absolute times vary between machines, the ratios much less.
+"""
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import adamix
+import model as modeling
+import train
+
+TRAINING = {  # name: train.py flags; the two views of AdaMix are the consistency loss's two passes
+    "head only": dict(method="head-only"),
+    "adapter": dict(method="adapter"),
+    "LoRA": dict(method="lora"),
+    "AdaMix adapter, 2 passes": dict(method="adamix-adapter"),
+    "AdaMix adapter, batched 2B": dict(method="adamix-adapter", batched_views=True),
+    "AdaMix LoRA, 2 passes": dict(method="adamix-lora"),
+}
+INFERENCE = {  # name: (train.py flags, what to do to the trained modules before serving)
+    "pretrained model": (dict(method="head-only"), None),
+    "adapter": (dict(method="adapter"), None),
+    "AdaMix adapter, merged": (dict(method="adamix-adapter"), None),
+    "AdaMix adapter, collapsed": (dict(method="adamix-adapter"), adamix.collapse_experts),
+    "LoRA": (dict(method="lora"), None),
+    "AdaMix LoRA, merged": (dict(method="adamix-lora"), None),
+    "AdaMix LoRA, folded": (dict(method="adamix-lora"), adamix.fold_lora),
+}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(jobs, rounds, repeats, device):
+    """Median seconds per call of every job, timing them in turns: round 1 of each, round 2 of each..."""
+    times = defaultdict(list)
+    for fn in jobs.values():  # warm-up (allocator, kernels, caches)
+        fn(), fn()
+    for _ in range(rounds):
+        for name, fn in jobs.items():
+            times[name].append(timed(lambda: [fn() for _ in range(repeats)], device) / repeats)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def saved_activation_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward during fn(): the training memory that grows
+    with the batch (weights and optimiser state aside). Works on every device; shared storage counted once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def matmul_flops_per_s(n, c, device, dtype):
+    """FLOP/s of a plain (n, c) @ (c, 4c) matmul, the shape of the FFN's first layer: the device's practical peak."""
+    a, b = torch.randn(n, c, device=device, dtype=dtype), torch.randn(c, 4 * c, device=device, dtype=dtype)
+    seconds = interleaved({"mm": lambda: a @ b}, rounds=5, repeats=10, device=device)["mm"]
+    return 2 * n * c * 4 * c / seconds
+
+
+def bench(args):
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    base = modeling.from_pretrained(args.model, num_labels=2)
+    B, T, V = args.batch_size, args.seq_len, base.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(V // 2, V, (B, T), generator=g),  # ordinary tokens, no special ones
+             "attention_mask": torch.ones(B, T, dtype=torch.long), "token_type_ids": torch.zeros(B, T, dtype=torch.long),
+             "labels": torch.randint(2, (B,), generator=g)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    common = dict(experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank)
+
+    # --- training steps
+    jobs, flops, memory, trainable = {}, {}, {}, {}
+    for name, flags in TRAINING.items():
+        cfg = train.TrainConfig(**common, **flags)
+        cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
+        net, router = train.adapt(copy.deepcopy(base), cfg)
+        net.to(device).train()
+        opt = train.make_optimizer(net, cfg)
+
+        def step(net=net, router=router, cfg=cfg, opt=opt):
+            with ctx:
+                loss = train.training_loss(net, router, batch, cfg, "classification")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        jobs[name] = step
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[name] = counter.get_total_flops()
+        memory[name] = saved_activation_bytes(lambda: train.training_loss(net, router, batch, cfg, "classification"))
+        trainable[name] = adamix.count_parameters(net)["trainable"]
+        opt.zero_grad(set_to_none=True)
+    step_s = interleaved(jobs, args.rounds, args.repeats, device)
+    peak = matmul_flops_per_s(B * T, base.config.n_embd, device, torch.bfloat16 if device == "cuda" else torch.float32)
+
+    # --- inference (eval mode: merged experts unless folded or collapsed)
+    jobs, added = {}, {}
+    for name, (flags, prepare) in INFERENCE.items():
+        net, _ = train.adapt(copy.deepcopy(base), train.TrainConfig(**common, **flags))
+        for p in net.parameters():  # trained-looking experts: the zero-initialised sides would make folding trivial
+            if p.requires_grad:
+                p.data.add_(0.01 * torch.randn_like(p))
+        net.to(device).eval()
+        if prepare is not None:
+            prepare(net)
+        added[name] = adamix.count_parameters(net, head=None)["inference"]
+        jobs[name] = lambda net=net: torch.no_grad()(train.predict)(net, batch)
+    infer_s = interleaved(jobs, args.rounds, args.repeats, device)
+
+    report = dict(
+        machine=f"{platform.node()} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                + (f", {torch.cuda.get_device_name()}" if device == "cuda" else "") + ")",
+        date=time.strftime("%Y-%m-%d"), torch=torch.__version__, device=device, model=args.model,
+        batch_size=B, seq_len=T, experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank,
+        matmul_flops_per_s=peak,
+        training={n: dict(step_ms=1e3 * s, vs_adapter=s / step_s["adapter"], tokens_per_s=B * T / s,
+                          flops_per_step=flops[n], achieved_flops_per_s=flops[n] / s,
+                          of_matmul_peak=flops[n] / s / peak, saved_activations_mb=memory[n] / 2**20,
+                          trainable_params=trainable[n]) for n, s in step_s.items()},
+        inference={n: dict(latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter"],
+                           vs_pretrained=s / infer_s["pretrained model"], tokens_per_s=B * T / s,
+                           added_params=added[n]) for n, s in infer_s.items()})
+    if device == "cuda":
+        report["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return report
+
+
+def print_report(r):
+    print(f"{r['model']}, batch {r['batch_size']} x {r['seq_len']} tokens, M={r['experts']}, "
+          f"adapter r={r['bottleneck']}, LoRA r={r['lora_rank']}; {r['device']}: {r['machine']}, {r['date']}")
+    print(f"\n{'training step':<28}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}{'GFLOP':>8}{'of matmul':>11}"
+          f"{'act. MB':>9}{'trained':>10}")
+    for n, t in r["training"].items():
+        print(f"{n:<28}{t['step_ms']:>9.1f}{t['vs_adapter']:>11.2f}{t['tokens_per_s']:>10.0f}"
+              f"{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%{t['saved_activations_mb']:>9.0f}"
+              f"{t['trainable_params']:>10,}")
+    print(f"(plain matmul: {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
+    print(f"\n{'inference forward':<28}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}{'added params':>14}")
+    for n, t in r["inference"].items():
+        print(f"{n:<28}{t['latency_ms']:>9.1f}{t['vs_adapter']:>11.2f}{t['vs_pretrained']:>14.2f}"
+              f"{t['tokens_per_s']:>10.0f}{t['added_params']:>14,}")
+
+
+# -----------------------------------------------------------------------------
+# the results table: every runs/<task>/<method>-seed<k>/metrics.json written by train.py
+
+METHODS = ["head-only", "adapter", "lora", "adamix-adapter", "adamix-lora"]
+
+
+def results_table(folder):
+    runs = defaultdict(list)
+    for path in sorted(Path(folder).glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        runs[m["config"]["method"]].append(m)
+    if not runs:
+        raise FileNotFoundError(f"no */metrics.json under {folder}: run train.py with --out_dir {folder}/<name>")
+    mean_std = lambda xs: (f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1
+                           else f"{100 * xs[0]:.2f}")
+    rows = ["| method | seeds | trained params | test acc. (merged) | random expert | expert 0 | ensemble | min/run |",
+            "|---|---|---|---|---|---|---|---|"]
+    for method in sorted(runs, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
+        ms = runs[method]
+        main = "accuracy" if "accuracy" in ms[0]["test"]["merged"] else next(iter(ms[0]["test"]["merged"]))
+        cell = lambda mode: mean_std([m["test"][mode][main] for m in ms]) if mode in ms[0]["test"] else "—"
+        minutes = statistics.mean(m["wall_time_s"] for m in ms) / 60
+        rows.append(f"| {method} | {', '.join(str(m['config']['seed']) for m in ms)} | "
+                    f"{ms[0]['parameters']['trainable']:,} | {cell('merged')} | {cell('random')} | {cell('expert:0')} | "
+                    f"{cell('ensemble')} | {minutes:.1f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--bottleneck", type=int, default=16)
+    p.add_argument("--lora_rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds; the median is kept")
+    p.add_argument("--repeats", type=int, default=3, help="calls per round")
+    p.add_argument("--device", default="auto", help="auto | cpu")
+    p.add_argument("--out", default="bench.json", help="where to write the JSON report")
+    p.add_argument("--results", metavar="FOLDER", help="print the results table of the runs in FOLDER instead")
+    args = p.parse_args()
+    if args.results:
+        print(results_table(args.results))
+    else:
+        report = bench(args)
+        print_report(report)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
