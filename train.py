@@ -314,7 +314,7 @@ def main(cfg):
     step, best, history, losses = 0, None, [], []  # losses: this epoch's training losses, for the log
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
     if cfg.resume:
-        ckpt = torch.load(out_dir / "ckpt.pt", map_location=device, weights_only=False)
+        ckpt = torch.load(out_dir / "ckpt.pt", map_location=device, weights_only=True)
         load_small_state(net, ckpt["weights"], cfg)
         optimizer.load_state_dict(ckpt["optimizer"])
         if router is not None:
@@ -401,7 +401,7 @@ def main(cfg):
     # --- test the best epoch (chosen on dev) with every way of combining the experts
     if ddp:
         dist.barrier()
-    load_small_state(net, torch.load(out_dir / "model.pt", map_location=device, weights_only=False)["weights"], cfg)
+    load_small_state(net, torch.load(out_dir / "model.pt", map_location=device, weights_only=True)["weights"], cfg)
     modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
     if task.kind == "lm":  # an ensemble would average logits inside beam search: not done here
         modes = modes[:3]
@@ -412,7 +412,8 @@ def main(cfg):
     results = dict(config=dataclasses.asdict(cfg), parameters=counts, history=history, test=test_metrics,
                    wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world, device=device)
     if master:
-        print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples):")
+        print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples"
+              + (f", at most {cfg.eval_limit} of them evaluated):" if cfg.eval_limit else "):"))
         for mode, metrics in test_metrics.items():
             print(f"  {mode:<10}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
         save_atomic_json(results, out_dir / "metrics.json")

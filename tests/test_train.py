@@ -92,8 +92,8 @@ def test_resume_gives_the_same_weights_as_no_interruption(sst2, tmp_path):
     straight = train.main(config(ckpt, glue, tmp_path / "a", epochs=2))
     assert train.main(config(ckpt, glue, tmp_path / "b", epochs=2, stop_after=7)) is None  # mid epoch 1 of 2
     resumed = train.main(config(ckpt, glue, tmp_path / "b", epochs=2, resume=True))
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] and a["weights"].keys() == b["weights"].keys()
     for name in a["weights"]:
         assert torch.equal(a["weights"][name], b["weights"][name]), name
