@@ -13,9 +13,11 @@ it at the end with every inference mode (merged, random expert, expert 0, ensemb
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ class TrainConfig:
     model: str = "minilm"             # a local checkpoint folder, "minilm" (built in) or a hub id
     task: str = "mr"                  # "mr" (built in), a GLUE task (sst2, mnli, ...) or "e2e"
     data_dir: str | None = None       # folder with the GLUE task folders or the e2e files
-    method: str = "adamix-adapter"    # adamix-adapter | adamix-lora | adapter | lora | head-only | full
+    method: str = "adamix-adapter"    # baselines: one adapter, one LoRA, the head alone, everything (full)
     # the adaptation modules (defaults: the official BERT/RoBERTa GLUE scripts, SPEC section 2)
     experts: int = 4                  # M; ignored by the single-module baselines
     bottleneck: int = 16              # adapter bottleneck r (RoBERTa-large GLUE: 16, BERT-base: 48)
@@ -44,8 +46,7 @@ class TrainConfig:
     lora_alpha: float = 16.0          # LoRA scale alpha (GPT-2 E2E: 32)
     lora_dropout: float = 0.1         # dropout on the LoRA input (GPT-2 E2E: 0.1)
     share: str = "up"                 # which side is shared by all experts: up | down | none
-    consistency: float = -1.0         # lambda of the consistency loss (GLUE 1, GPT-2 LM 100); 0 turns it off;
-                                      # -1: 1 for the AdaMix methods, 0 (one pass) for the baselines
+    consistency: float = -1.0         # lambda of the consistency loss; -1: 1 for AdaMix, 0 for baselines (GPT-2: 100)
     consistency_kind: str = "kl_sg"   # kl_sg (official, stop-gradient) | kl | mse (regression)
     batched_views: bool = False       # run the two views as one forward of 2B examples
     # optimisation (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
@@ -94,20 +95,26 @@ GROUPS = {  # argparse groups, in the order of the dataclass
 }
 
 
+CHOICES = dict(method=["adamix-adapter", "adamix-lora", "adapter", "lora", "head-only", "full"],
+               share=["up", "down", "none"], consistency_kind=["kl_sg", "kl", "mse"], device=["auto", "cpu", "cuda"])
+
+
 def parse_args(argv=None):
-    """Defaults from TrainConfig, then a --preset, then the flags given on the command line."""
+    """Defaults from TrainConfig, then a --preset, then the flags given on the command line. The help
+    of each flag is the comment next to its field in TrainConfig, so the defaults are documented once."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's configurations")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    comments = dict(re.findall(r"^    (\w+): [^#\n]*# ?(.*)$", inspect.getsource(TrainConfig), re.M))
     for title, names in GROUPS.items():
         g = p.add_argument_group(title)
         for name in names.split():
-            default = fields[name].default
+            default, help = fields[name].default, f"{comments.get(name, '')} (default: {fields[name].default})"
             if isinstance(default, bool):
-                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
             else:
-                kind = type(default) if default is not None else str
-                g.add_argument(f"--{name}", type=kind, default=None, help=f"default: {default}")
+                g.add_argument(f"--{name}", type=type(default) if default is not None else str, default=None,
+                               choices=CHOICES.get(name), help=help)
     args = vars(p.parse_args(argv))
     overrides = PRESETS.get(args.pop("preset"), {})
     overrides.update({k: v for k, v in args.items() if v is not None})
