@@ -1,18 +1,12 @@
 """
-data.py: text to batches, and the metrics that score them.
-
-Read top to bottom:
-  1. metrics in numpy: accuracy, F1, Matthews correlation, Pearson and Spearman (GLUE); corpus BLEU-4
-     with several references and ROUGE-L (E2E NLG);
-  2. the task table: the paper's eight GLUE tasks, each a folder of TSV files, with its columns,
-     labels and metric; a missing folder is downloaded from the canonical GLUE location;
-  3. the other readers: the built-in default task `mr` (movie-review polarity, read out of a PyPI
-     sdist) and E2E NLG (`meaning representation||reference`, one reference per line);
+data.py: text to batches, and the metrics that score them. Read top to bottom:
+  1. metrics in numpy: accuracy, F1, Matthews, Pearson and Spearman (GLUE); BLEU-4 and ROUGE-L (E2E NLG);
+  2. the paper's eight GLUE tasks in one table (columns, labels, metric), read from TSV files that are
+     downloaded from the canonical GLUE location when missing;
+  3. the built-in default task `mr` (movie-review polarity, read out of a PyPI sdist) and E2E NLG;
   4. one seeded, hash-based split rule for every split this file makes;
-  5. tokenisation (sentence pairs, truncation; the LoRA NLG template for GPT-2) and batching
-     (padding per batch, length bucketing);
+  5. tokenisation (sentence pairs; the LoRA NLG template for GPT-2) and batching (padding, length buckets);
   6. `load_task`, the one entry point train.py calls.
-
 A malformed row or an empty file is a ValueError naming the file and line: nothing is dropped.
 """
 import csv
@@ -57,7 +51,7 @@ class Example(NamedTuple):
     label: int | float   # class index, or the STS-B similarity score
 
 # -----------------------------------------------------------------------------
-# 1. Metrics. Predictions are class indices (STS-B: scores); every function returns a dict of floats.
+# 1. Metrics. Predictions are class indices (STS-B: scores); a task's metric returns a dict of floats.
 
 
 def _check(pred, gold):
@@ -73,8 +67,7 @@ def accuracy(pred, gold):
 
 
 def f1_accuracy(pred, gold):
-    """F1 of the positive class (1) and accuracy: MRPC and QQP. F1 = 2 tp / (2 tp + fp + fn), the
-    harmonic mean of precision tp / (tp + fp) and recall tp / (tp + fn); 0 when tp = 0."""
+    """F1 of the positive class (1) and accuracy: MRPC and QQP. F1 = 2 tp / (2 tp + fp + fn), 0 if tp = 0."""
     pred, gold = _check(pred, gold)
     p, g = pred == 1, gold == 1
     tp, fp, fn = np.sum(p & g), np.sum(p & ~g), np.sum(~p & g)
@@ -85,8 +78,7 @@ def matthews(pred, gold):
     """Matthews correlation (CoLA): (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)), 0 if undefined."""
     pred, gold = _check(pred, gold)
     p, g = pred == 1, gold == 1
-    tp, tn = float(np.sum(p & g)), float(np.sum(~p & ~g))
-    fp, fn = float(np.sum(p & ~g)), float(np.sum(~p & g))
+    tp, tn, fp, fn = (float(np.sum(m)) for m in (p & g, ~p & ~g, p & ~g, ~p & g))
     den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return {"mcc": float((tp * tn - fp * fn) / den) if den else 0.0}
 
@@ -115,22 +107,24 @@ def bleu_tokenize(text):
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
+def _tokenized(hypotheses, references):
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
+    return [(bleu_tokenize(h), [bleu_tokenize(x) for x in refs]) for h, refs in zip(hypotheses, references)]
+
+
 def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
 def corpus_bleu(hypotheses, references):
     """Corpus BLEU-4 (Papineni et al., 2002), several references per hypothesis, no smoothing.
-
-    p_n = sum over sentences of n-gram counts clipped by the largest count in any one reference,
-    divided by the number of hypothesis n-grams; BLEU = BP * exp(mean_n log p_n), 0 if any p_n is 0.
-    Brevity penalty BP = min(1, exp(1 - r / c)), c = total hypothesis length, r = sum of the reference
-    lengths closest to each hypothesis (the shorter one on a tie, as NLTK)."""
-    if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
+    p_n = sum over sentences of n-gram counts clipped by the largest count in any one reference, divided
+    by the number of hypothesis n-grams; BLEU = BP * exp(mean_n log p_n), 0 if any p_n is 0. Brevity
+    penalty BP = min(1, exp(1 - r / c)), c = total hypothesis length, r = sum of the reference lengths
+    closest to each hypothesis (the shorter one on a tie, as NLTK)."""
     matched, total, c, r = np.zeros(BLEU_MAX_N), np.zeros(BLEU_MAX_N), 0, 0
-    for hyp, refs in zip(hypotheses, references):
-        h, rs = bleu_tokenize(hyp), [bleu_tokenize(x) for x in refs]
+    for h, rs in _tokenized(hypotheses, references):
         c += len(h)
         r += min((abs(len(x) - len(h)), len(x)) for x in rs)[1]
         for n in range(1, BLEU_MAX_N + 1):
@@ -157,12 +151,9 @@ def rouge_l(hypotheses, references):
     """ROUGE-L as pycocoevalcap computes it for the E2E challenge: per hypothesis P = max over references
     of LCS / len(hyp), R = max of LCS / len(ref), F = (1 + b^2) P R / (R + b^2 P) with b = ROUGE_BETA;
     the corpus score is the mean F over hypotheses."""
-    if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
     scores = []
-    for hyp, refs in zip(hypotheses, references):
-        h = bleu_tokenize(hyp)
-        lcs = [(_lcs(h, x), len(x)) for x in map(bleu_tokenize, refs)]
+    for h, rs in _tokenized(hypotheses, references):
+        lcs = [(_lcs(h, x), len(x)) for x in rs]
         p = max((m / len(h) if h else 0.0) for m, _ in lcs)
         r = max((m / n if n else 0.0) for m, n in lcs)
         scores.append((1 + ROUGE_BETA ** 2) * p * r / (r + ROUGE_BETA ** 2 * p) if p and r else 0.0)
@@ -184,7 +175,7 @@ class GlueTask(NamedTuple):
     labels: tuple | None         # label strings in class-index order; None: a float score
     metric: Callable
     main: str                    # the number reported for the task (LoRA's GLUE convention): picks the epoch
-    urls: tuple                  # files under DATA_URL that make the folder (zips are extracted)
+    urls: tuple                  # files under DATA_URL (or its override) that make the folder; zips are extracted
     dev_files: tuple = ("dev.tsv",)
 
 
@@ -211,19 +202,19 @@ def read_glue(path, task):
     """One GLUE TSV file -> [Example]. Every row must have as many columns as the header (CoLA, which
     has none: 4), and a known label or a numeric score."""
     spec, path = GLUE_TASKS[task], Path(path)
+    cols, examples = [spec.text_a, spec.text_b, spec.label], []
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE text has bare quotes
-        cols = [spec.text_a, spec.text_b, spec.label]
-        header = None if isinstance(spec.label, int) else next(rows, [])
-        if header == []:
-            raise ValueError(f"{path}: no examples (empty file)")
-        if header is not None:
+        if isinstance(spec.label, int):                              # CoLA: no header, columns by index
+            width = max(c for c in cols if c is not None) + 1
+        else:
+            header = next(rows, [])
+            if not header:
+                raise ValueError(f"{path}: no examples (empty file)")
             missing = [c for c in cols if c is not None and c not in header]
             if missing:
                 raise ValueError(f"{path}:1: the header {header} has no column {missing}")
-            cols = [None if c is None else header.index(c) for c in cols]
-        width = len(header) if header else max(c for c in cols if c is not None) + 1
-        examples = []
+            cols, width = [None if c is None else header.index(c) for c in cols], len(header)
         for row in rows:
             where = f"{path}:{rows.line_num}"
             if len(row) != width:
@@ -288,7 +279,6 @@ def _split_mrpc(tmp):
 
 def load_glue(task, data_dir, split_seed=SPLIT_SEED, base_url=None):
     """-> {"train", "dev", "test"} (MNLI adds "test_mismatched") lists of Examples.
-
     GLUE's test labels are private, so papers (AdaMix included) report the GLUE dev set. Choosing the
     best epoch on that same set is SPEC defect 9, so: "test" is the GLUE dev file (the reported number),
     and "dev" (model selection) is a seeded hold-out of GLUE train: GLUE_DEV_FRACTION of it, at most
@@ -366,24 +356,37 @@ def read_e2e(path):
         raise ValueError(f"{path}: no examples (empty file)")
     return list(groups.items())
 
+
+def load_e2e(folder=E2E_DIR, split_seed=SPLIT_SEED):
+    """-> {"train", "dev", "test"} lists of (mr, [references]); test.txt is the official test set. With
+    train.txt (the full release), dev is valid.txt. Without it, as ../shared/data/README.md suggests, dev is
+    a held-out E2E_DEV_FRACTION of valid.txt's meaning representations and train the rest (no mr in both)."""
+    folder = Path(folder)
+    if not (folder / "test.txt").exists():
+        raise FileNotFoundError(f"{folder / 'test.txt'} not found: pass data_dir= the folder of the E2E "
+                                "files in the one-line `mr||reference` format (train.txt, valid.txt, test.txt)")
+    if (folder / "train.txt").exists():
+        texts = {"train": read_e2e(folder / "train.txt"), "dev": read_e2e(folder / "valid.txt")}
+    else:
+        fractions = (("train", 1 - E2E_DEV_FRACTION), ("dev", E2E_DEV_FRACTION))
+        texts = split_by_hash(read_e2e(folder / "valid.txt"), fractions, split_seed)
+    return {**texts, "test": read_e2e(folder / "test.txt")}
+
 # -----------------------------------------------------------------------------
 # 4. The split rule
 
 
-def _text_key(item):
-    return item[0] if isinstance(item[1], list) else f"{item.text_a}\t{item.text_b or ''}"
-
-
 def split_by_hash(items, fractions, seed=SPLIT_SEED):
-    """Split by a hash of each item's text: u = sha256(f"{seed}:{text}")'s first HASH_BYTES bytes as a
-    number in [0, 1); ((name, fraction), ...) takes u in consecutive intervals of those widths. The
-    sizes are those fractions up to sampling noise; an item's split depends only on its text and the
-    seed, never on numpy's generator, the row order or the machine; equal texts share a split."""
+    """Split Examples (text: both sentences) or E2E groups (text: the mr) by a hash: u = sha256(f"{seed}:{text}")'s
+    first HASH_BYTES bytes as a number in [0, 1); ((name, fraction), ...) takes u in consecutive intervals of
+    those widths, so the sizes are those fractions up to sampling noise. An item's split depends only on its
+    text and the seed, never on numpy's generator, the row order or the machine: equal texts share a split."""
     bounds, out = np.cumsum([f for _, f in fractions]), {name: [] for name, _ in fractions}
     for item in items:
-        digest = hashlib.sha256(f"{seed}:{_text_key(item)}".encode("utf-8")).digest()
+        text = item[0] if isinstance(item[1], list) else f"{item.text_a}\t{item.text_b or ''}"
+        digest = hashlib.sha256(f"{seed}:{text}".encode("utf-8")).digest()
         u = int.from_bytes(digest[:HASH_BYTES], "big") / 2 ** (8 * HASH_BYTES)
-        k = min(int(np.searchsorted(bounds, u, side="right")), len(fractions) - 1)
+        k = min(int(np.searchsorted(bounds, u, side="right")), len(fractions) - 1)  # fractions may sum to 1 - eps
         out[fractions[k][0]].append(item)
     return out
 
@@ -411,7 +414,7 @@ def _plain(tokenizer):
 def encode_examples(examples, tokenizer, max_len=CLASSIFY_MAX_LEN):
     """[Example] -> [{"input_ids", "token_type_ids", "label"}]. Pair tasks are encoded as a pair
     (BERT: [CLS] a [SEP] b [SEP] with token types 0 and 1). Truncation to max_len drops tokens from the
-    longer sentence first; the post-processor adds [CLS]/[SEP] afterwards, so they are never cut."""
+    longer sentence first and leaves room for the [CLS]/[SEP] the post-processor adds: they are never cut."""
     tok = _plain(tokenizer)
     tok.enable_truncation(max_len)
     encs = tok.encode_batch([e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples])
@@ -420,12 +423,11 @@ def encode_examples(examples, tokenizer, max_len=CLASSIFY_MAX_LEN):
 
 
 def encode_lm(groups, tokenizer, eos_id, max_len=LM_MAX_LEN):
-    """[(mr, [references])] -> one LM example per reference, in the template of the LoRA NLG code
-    (gpt2_encode.py with --add_bos --add_eos): ids = enc(mr) + [eos] + enc(" " + reference) + [eos]
-    (GPT-2's bos is its eos, <|endoftext|>: it separates context from reference). labels = input_ids
-    on the reference and the final eos, IGNORE_INDEX on the context and separator. labels are aligned
-    with input_ids: the loss shifts them (logits[:, t] predicts labels[:, t + 1]). An example longer
-    than max_len is cut at the end, as LoRA's loader does."""
+    """[(mr, [references])] -> one LM example per reference, in the template of the LoRA NLG code (gpt2_encode.py
+    with --add_bos --add_eos): input_ids = enc(mr) + [eos] + enc(" " + reference) + [eos] (GPT-2's bos is its
+    eos, <|endoftext|>: it separates context from reference). labels = input_ids on the reference and the final
+    eos, IGNORE_INDEX on the context and separator, unshifted: the loss shifts them (logits[:, t] predicts
+    labels[:, t + 1]). An example longer than max_len is cut at the end, as LoRA's loader does."""
     pairs = [(mr, ref) for mr, refs in groups for ref in refs]
     tok, out = _plain(tokenizer), []
     contexts = tok.encode_batch([mr for mr, _ in pairs], add_special_tokens=False)
@@ -460,16 +462,13 @@ def collate(examples, pad_id):
     """Pad one batch to its longest example, on the right. -> input_ids, attention_mask (1 = token),
     token_type_ids (encoder examples), labels: (B,) long, (B,) float for scores, (B, T) for LM."""
     B, T = len(examples), max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((B, T), dtype=torch.long)}
-    if "token_type_ids" in examples[0]:
-        batch["token_type_ids"] = torch.zeros((B, T), dtype=torch.long)
-    if "labels" in examples[0]:
-        batch["labels"] = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    pads = {"input_ids": pad_id, "token_type_ids": 0, "labels": IGNORE_INDEX}   # what fills a row after its end
+    batch = {key: torch.full((B, T), pad, dtype=torch.long) for key, pad in pads.items() if key in examples[0]}
+    batch["attention_mask"] = torch.zeros((B, T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["attention_mask"][i, :n] = 1
-        for key in ("input_ids", "token_type_ids", "labels"):
+        for key in pads:
             if key in e:
                 batch[key][i, :n] = torch.from_numpy(e[key])
     if "label" in examples[0]:
@@ -493,14 +492,12 @@ class Batches:
 
 
 def make_batches(examples, batch_size, shuffle=False, seed=0, pad_id=0, rank=0, world_size=1):
-    """One pass over `examples` in batches of batch_size (the last may be smaller).
-
-    shuffle=False (evaluation): in order, so predictions line up with the examples. shuffle=True
-    (training; pass seed + epoch for a new order each epoch): a seeded permutation, sorted by length
-    inside windows of BUCKET_BATCHES batches (similar lengths share a batch: less padding), then the
-    batches themselves shuffled. Data parallel: every rank builds the same order and takes every
-    world_size-th batch; when shuffling, the last len % world_size batches of the epoch are skipped so
-    that all ranks take the same number of steps."""
+    """One pass over `examples` in batches of batch_size (the last may be smaller). shuffle=False
+    (evaluation): in order, so predictions line up with the examples. shuffle=True (training; pass seed + epoch
+    for a new order each epoch): a seeded permutation, sorted by length inside windows of BUCKET_BATCHES
+    batches (similar lengths share a batch: less padding), then the batches themselves shuffled. Data
+    parallel: every rank builds the same order and takes every world_size-th batch; when shuffling, the last
+    len % world_size batches of the epoch are skipped so that all ranks take the same number of steps."""
     if not examples:
         raise ValueError("no examples to batch")
     order, rng = np.arange(len(examples)), np.random.default_rng(seed)
@@ -542,7 +539,10 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
     task = task.lower().replace("-", "")
     pad_id = special_id(tokenizer, PAD_TOKENS)
     if task == "e2e":
-        return _load_e2e(tokenizer, Path(data_dir or E2E_DIR), max_len or LM_MAX_LEN, split_seed, pad_id)
+        texts, eos_id = load_e2e(data_dir or E2E_DIR, split_seed), special_id(tokenizer, EOS_TOKENS)
+        splits = {name: encode_lm(g, tokenizer, eos_id, max_len or LM_MAX_LEN) for name, g in texts.items()}
+        prompts = {name: encode_prompts(texts[name], tokenizer, eos_id) for name in ("dev", "test")}
+        return TaskData(task, splits, e2e_metric, "bleu", 0, pad_id, texts, prompts)
     if task == "mr":
         texts, metric, main, num_labels = load_mr(split_seed, cache_dir, data_dir), accuracy, "accuracy", 2
     elif task in GLUE_TASKS:
@@ -554,21 +554,3 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
     splits = {name: encode_examples(ex, tokenizer, max_len or CLASSIFY_MAX_LEN) for name, ex in texts.items()}
     return TaskData(task, splits, metric, main, num_labels, pad_id, texts)
 
-
-def _load_e2e(tokenizer, folder, max_len, split_seed, pad_id):
-    """train.txt if present (the full release); otherwise, as ../shared/data/README.md suggests, train
-    on valid.txt minus a held-out E2E_DEV_FRACTION of its meaning representations (dev). test.txt is
-    the official test set. Split by meaning representation, so no mr is in two splits."""
-    if not (folder / "test.txt").exists():
-        raise FileNotFoundError(f"{folder / 'test.txt'} not found: pass data_dir= the folder of the E2E "
-                                "files in the one-line `mr||reference` format (train.txt, valid.txt, test.txt)")
-    if (folder / "train.txt").exists():
-        texts = {"train": read_e2e(folder / "train.txt"), "dev": read_e2e(folder / "valid.txt")}
-    else:
-        fractions = (("train", 1 - E2E_DEV_FRACTION), ("dev", E2E_DEV_FRACTION))
-        texts = split_by_hash(read_e2e(folder / "valid.txt"), fractions, split_seed)
-    texts["test"] = read_e2e(folder / "test.txt")
-    eos_id = special_id(tokenizer, EOS_TOKENS)
-    splits = {name: encode_lm(groups, tokenizer, eos_id, max_len) for name, groups in texts.items()}
-    prompts = {name: encode_prompts(texts[name], tokenizer, eos_id) for name in ("dev", "test")}
-    return TaskData("e2e", splits, e2e_metric, "bleu", 0, pad_id, texts, prompts)

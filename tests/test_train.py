@@ -209,3 +209,23 @@ torch.save(adamix.adamix_state_dict(nets[0][0]), os.path.join({str(tmp_path)!r},
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_regression_task_uses_squared_error_consistency(tmp_path, monkeypatch):
+    """STS-B: one output, MSE loss, and the consistency term is the squared difference (SPEC defect 2)."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "glue" / "STS-B").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train.tsv", 96), ("dev.tsv", 32)):
+        rows = ["index\tsentence1\tsentence2\tscore"]
+        for i in range(n):
+            a, b = (" ".join(WORDS[j] for j in torch.randint(len(WORDS), (4,), generator=g)) for _ in range(2))
+            rows.append(f"{i}\t{a}\t{b}\t{float(torch.rand(1, generator=g)) * 5:.2f}")
+        (tmp_path / "glue" / "STS-B" / name).write_text("\n".join(rows) + "\n")
+    kinds = []
+    real = train.adamix.consistency_loss
+    monkeypatch.setattr(train.adamix, "consistency_loss", lambda a, b, mask=None, kind="kl_sg":
+                        kinds.append(kind) or real(a, b, mask, kind))
+    results = train.main(config(ckpt, tmp_path / "glue", tmp_path / "out", task="stsb", epochs=1))
+    assert set(kinds) == {"mse"}
+    assert -1.0 <= results["test"]["merged"]["pearson"] <= 1.0
