@@ -20,7 +20,7 @@ import os
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -155,7 +155,7 @@ def make_optimizer(net, cfg):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def get_lr(step, total, cfg):
@@ -178,18 +178,16 @@ def predict(net, batch):
 def task_loss(logits, labels, kind, label_smoothing=0.0):
     if kind == "regression":  # STS-B: one output, squared error
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if kind == "lm":  # next-token prediction on the reference tokens only (labels -100 elsewhere)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=-100, label_smoothing=label_smoothing)
+    if kind == "lm":  # token t predicts token t + 1; only the reference is a target (IGNORE_INDEX elsewhere)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),  # (B*(T-1), V)
+                               ignore_index=data.IGNORE_INDEX, label_smoothing=label_smoothing)
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
 def training_loss(net, router, batch, cfg, kind):
     """CE on the first view plus lambda times the consistency loss between two routed views (SPEC eq. 3)."""
-    two_views = cfg.consistency > 0
-    if not two_views:
-        logits_a = predict(net, batch)
-        return task_loss(logits_a, batch["labels"], kind, cfg.label_smoothing)
+    if cfg.consistency == 0:  # one pass, the task loss alone (the baselines)
+        return task_loss(predict(net, batch), batch["labels"], kind, cfg.label_smoothing)
     if cfg.batched_views:  # one forward of 2B examples; the first half takes route 1, the second route 2
         doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
         plan = router.sample(views=2) if router is not None else None
@@ -199,7 +197,7 @@ def training_loss(net, router, batch, cfg, kind):
         logits_a, logits_b = predict(net, batch), predict(net, batch)
     if kind == "lm":  # the consistency term is averaged over the target tokens (SPEC eq. 3)
         reg = adamix.consistency_loss(logits_a[:, :-1].float(), logits_b[:, :-1].float(),
-                                      mask=batch["labels"][:, 1:] != -100, kind=cfg.consistency_kind)
+                                      mask=batch["labels"][:, 1:] != data.IGNORE_INDEX, kind=cfg.consistency_kind)
     else:
         reg = adamix.consistency_loss(logits_a.float(), logits_b.float(),
                                       kind="mse" if kind == "regression" else cfg.consistency_kind)
@@ -221,7 +219,7 @@ def evaluate(net, router, examples, task, cfg, mode, ctx, device):
             forward = lambda: predict(net, batch).float()
             logits = adamix.ensemble(router, forward) if mode == "ensemble" else forward()
         if task.kind == "lm":  # dev metric of a language model: loss per target token
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
             loss_sum, tokens = loss_sum + task_loss(logits, batch["labels"], "lm").item() * n, tokens + n
         else:
             outputs.append(logits.squeeze(-1) if task.kind == "regression" else logits.argmax(-1))
