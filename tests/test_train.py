@@ -195,7 +195,7 @@ train.main(cfg)  # stop_after the last step: returns before reloading the best w
 torch.save(adamix.adamix_state_dict(nets[0][0]), os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.pt"))
 """)
     steps = 6
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), "--model", str(ckpt), "--task", "sst2", "--data_dir", str(glue), "--experts", "2",
            "--bottleneck", "8", "--batch_size", "8", "--max_steps", str(steps), "--stop_after", str(steps),
            "--max_len", "16", "--out_dir", str(tmp_path / "out"), "--device", "cpu"]
