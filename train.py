@@ -330,11 +330,10 @@ def main(cfg):
             print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
 
     def checkpoint():
-        rngs = [torch.empty(0, dtype=torch.uint8) for _ in range(world)]
+        rngs = [torch.get_rng_state()]  # dropout's generator, one state per rank
         if ddp:
+            rngs = [None] * world
             dist.all_gather_object(rngs, torch.get_rng_state())
-        else:
-            rngs = [torch.get_rng_state()]
         if master:
             save_atomic(dict(config=dataclasses.asdict(cfg), step=step, best=best, history=history, losses=losses,
                              weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
