@@ -303,9 +303,9 @@ def main(cfg):
     optimizer = make_optimizer(net, cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
     counts = adamix.count_parameters(net)
-    epoch_batches = lambda epoch: list(data.make_batches(  # the order depends only on (seed, epoch): resumable
-        train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, pad_id=task.pad_id, rank=rank, world_size=world))
-    steps_per_epoch = len(epoch_batches(0)) // cfg.grad_accum
+    epoch_batches = lambda epoch: data.make_batches(  # the order depends only on (seed, epoch): resumable
+        train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, pad_id=task.pad_id, rank=rank, world_size=world)
+    steps_per_epoch = len(epoch_batches(0)) // cfg.grad_accum  # counts batches without collating them
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train)} training examples make no full step of batch_size {cfg.batch_size} "
@@ -347,7 +347,7 @@ def main(cfg):
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         if k == 0 or not batches:
-            batches = epoch_batches(epoch)
+            batches = list(epoch_batches(epoch))  # collated once per epoch; indexed to resume mid-epoch
 
         # --- one optimiser step: learning rate, micro-steps, clip, step, zero_grad
         lr = get_lr(step, total_steps, cfg)
