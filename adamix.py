@@ -45,6 +45,7 @@ class AdaMixConfig:
     zero_up: bool = False      # adapters: up weights 0, so training starts at the pretrained function
     lora_alpha: float = 32.0   # LoRA scale alpha / r (official GPT-2 E2E scripts: alpha 32, r 4)
     lora_dropout: float = 0.1  # dropout on the LoRA input x (official GPT-2 E2E scripts)
+    init: str = "independent"  # "independent": one draw per expert (paper); "identical": copies of one draw
 
 
 def init_experts(mixture, generator=None):
@@ -58,7 +59,9 @@ def init_experts(mixture, generator=None):
                                      kaiming-uniform with a = sqrt(5), as nn.Linear and loralib
              adamix_up_weight[j]   = B_j (C_out, r) = 0, so B A = 0 at the start
     Draws come from `generator` (add_adamix passes one seeded from its seed, so the global RNG and
-    hence every dropout mask is untouched); None uses the global RNG.
+    hence every dropout mask is untouched); None uses the global RNG. With config.init "identical",
+    every expert of a side is then set to a copy of expert 0 (the original code's LoRA start, an ablation):
+    the experts can only drift apart through their different routes.
     """
     cfg, lora, m = mixture.config, isinstance(mixture, LoRAMixture), mixture
     with torch.no_grad():
@@ -74,6 +77,10 @@ def init_experts(mixture, generator=None):
                 nn.init.normal_(w, 0.0, cfg.init_std, generator=generator)
         for b in [*(m.adamix_down_bias or []), *(m.adamix_up_bias or [])]:
             b.zero_()
+        if cfg.init == "identical":  # biases are all zero already
+            for ws in (m.adamix_down_weight, m.adamix_up_weight):
+                for w in ws[1:]:
+                    w.copy_(ws[0])
 
 
 def _experts(m, *shape, like):  # M independent Parameters: an expert not routed keeps grad None
@@ -262,6 +269,8 @@ def add_adamix(model, targets, kind="adapter", config=None, seed=0):
     config, cls = config or AdaMixConfig(), {"adapter": AdapterMixture, "lora": LoRAMixture}[kind]
     if config.share not in ("up", "down", "none"):
         raise ValueError(f"share must be 'up', 'down' or 'none', got {config.share!r}")
+    if config.init not in ("independent", "identical"):
+        raise ValueError(f"init must be 'independent' or 'identical', got {config.init!r}")
     inside = {n for m_name, m in model.named_modules() if isinstance(m, _Mixture)
               for n, _ in m.named_modules(prefix=m_name)}
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in inside
@@ -277,6 +286,29 @@ def add_adamix(model, targets, kind="adapter", config=None, seed=0):
     router = Router(new, seed)
     model.register_forward_pre_hook(router.before_forward)
     return router
+
+
+def expert_distance(model):
+    """How far apart the experts are: for every mixture and every side with M > 1 experts, the mean
+    pairwise cosine distance 1 - cos(W_i, W_j) over pairs i < j of its flattened weights. 0: experts that
+    point the same way (merging changes little); about 1: unrelated directions (independent random draws).
+    -> {"down": [one float per mixture], "up": [...]} (a side shared by all experts is left out)."""
+    out = {}
+    for side in ("down", "up"):
+        per_mixture = []
+        for m in mixtures(model):
+            ws = getattr(m, f"adamix_{side}_weight")
+            if len(ws) < 2:
+                continue
+            x = torch.stack([w.detach().flatten().float() for w in ws])  # (M, P)
+            n = x.norm(dim=1, keepdim=True)                                # (M, 1)
+            cos = (x @ x.T) / (n * n.T).clamp_min(1e-30)                   # (M, M)
+            cos = torch.where((n == 0) & (n.T == 0), 1.0, cos)  # two zero experts (LoRA's B at start) are equal
+            i, j = torch.triu_indices(len(ws), len(ws), offset=1)
+            per_mixture.append((1 - cos[i, j]).mean().item())
+        if per_mixture:
+            out[side] = per_mixture
+    return out
 
 
 def set_inference(model, mode="merged"):

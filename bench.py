@@ -2,7 +2,7 @@
 bench.py: what AdaMix costs, measured in one run on this machine and reported as ratios.
 
     python bench.py                          # all-MiniLM-L6-v2, batch 32 x 64 tokens, CUDA if present
-    python bench.py --batch_size 16 --seq_len 128 --out bench.json
+    python bench.py --batch_size 16 --seq_len 128 --precisions fp32   # writes out/bench.json
     python bench.py --results runs/mr        # the results table of the README, from train.py's metrics.json
 
 Training: one optimiser step (forward passes, loss, backward, AdamW, zero_grad) of AdaMix against a
@@ -15,6 +15,7 @@ the machine hits all of them alike; absolute times vary between machines, the ra
 """
 import argparse
 import copy
+import itertools
 import json
 import math
 import platform
@@ -95,7 +96,7 @@ def matmul_flops_per_s(n, c, device, dtype):
 
 def bench(args):
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    precisions = args.precisions.split(",")  # each row is timed in every precision, in the same rounds
     base = modeling.from_pretrained(args.model, num_labels=2)
     B, T, V = args.batch_size, args.seq_len, base.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -105,34 +106,37 @@ def bench(args):
     batch = {k: v.to(device) for k, v in batch.items()}
     common = dict(experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank)
 
-    # --- training steps
+    # --- training steps, keyed (name, precision)
     jobs, flops, memory, trainable = {}, {}, {}, {}
-    for name, flags in TRAINING.items():
+    for (name, flags), precision in itertools.product(TRAINING.items(), precisions):
         cfg = train.TrainConfig(**common, **flags)
         cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
         net, router = train.adapt(copy.deepcopy(base), cfg)
         net.to(device).train()
         opt = train.make_optimizer(net, cfg)
 
-        def step(net=net, router=router, cfg=cfg, opt=opt):
-            with ctx:
+        def step(net=net, router=router, cfg=cfg, opt=opt, precision=precision):
+            with train.autocast(precision, device):
                 loss = train.training_loss(net, router, batch, cfg, "classification")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        jobs[name] = step
+        jobs[name, precision] = step
         with FlopCounterMode(display=False) as counter:
             step()
-        flops[name] = counter.get_total_flops()
-        memory[name] = saved_activation_bytes(lambda: train.training_loss(net, router, batch, cfg, "classification"))
+        flops[name, precision] = counter.get_total_flops()
+        with train.autocast(precision, device):
+            memory[name, precision] = saved_activation_bytes(
+                lambda: train.training_loss(net, router, batch, cfg, "classification"))
         trainable[name] = adamix.count_parameters(net)["trainable"]
         opt.zero_grad(set_to_none=True)
     step_s = interleaved(jobs, args.rounds, args.repeats, device)
-    peak = matmul_flops_per_s(B * T, base.config.n_embd, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
+    peak = {p: matmul_flops_per_s(B * T, base.config.n_embd, device, dtypes[p]) for p in precisions}
 
     # --- inference (eval mode: merged experts unless folded or collapsed)
     jobs, added = {}, {}
-    for name, (flags, prepare) in INFERENCE.items():
+    for (name, (flags, prepare)), precision in itertools.product(INFERENCE.items(), precisions):
         net, _ = train.adapt(copy.deepcopy(base), train.TrainConfig(**common, **flags))
         for p in net.parameters():  # trained-looking experts: the zero-initialised sides would make folding trivial
             if p.requires_grad:
@@ -141,7 +145,11 @@ def bench(args):
         if prepare is not None:
             prepare(net)
         added[name] = adamix.count_parameters(net, head=None)["inference"]
-        jobs[name] = lambda net=net: torch.no_grad()(train.predict)(net, batch)
+
+        def infer(net=net, precision=precision):
+            with torch.no_grad(), train.autocast(precision, device):
+                return train.predict(net, batch)
+        jobs[name, precision] = infer
     infer_s = interleaved(jobs, args.rounds, args.repeats, device)
 
     report = dict(
@@ -149,14 +157,16 @@ def bench(args):
                 + (f", {torch.cuda.get_device_name()}" if device == "cuda" else "") + ")",
         date=time.strftime("%Y-%m-%d"), torch=torch.__version__, device=device, model=args.model,
         batch_size=B, seq_len=T, experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank,
-        matmul_flops_per_s=peak,
-        training={n: dict(step_ms=1e3 * s, vs_adapter=s / step_s["adapter"], tokens_per_s=B * T / s,
-                          flops_per_step=flops[n], achieved_flops_per_s=flops[n] / s,
-                          of_matmul_peak=flops[n] / s / peak, saved_activations_mb=memory[n] / 2**20,
-                          trainable_params=trainable[n]) for n, s in step_s.items()},
-        inference={n: dict(latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter"],
-                           vs_pretrained=s / infer_s["pretrained model"], tokens_per_s=B * T / s,
-                           added_params=added[n]) for n, s in infer_s.items()})
+        matmul_flops_per_s=peak, precisions=precisions, training={}, inference={})
+    for (n, p), s in step_s.items():  # ratios within one precision; bf16 against fp32 in print_report
+        report["training"].setdefault(n, {})[p] = dict(
+            step_ms=1e3 * s, vs_adapter=s / step_s["adapter", p], tokens_per_s=B * T / s,
+            flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s, of_matmul_peak=flops[n, p] / s / peak[p],
+            saved_activations_mb=memory[n, p] / 2**20, trainable_params=trainable[n])
+    for (n, p), s in infer_s.items():
+        report["inference"].setdefault(n, {})[p] = dict(
+            latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter", p], vs_pretrained=s / infer_s["pretrained model", p],
+            tokens_per_s=B * T / s, added_params=added[n])
     if device == "cuda":
         report["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return report
@@ -165,17 +175,25 @@ def bench(args):
 def print_report(r):
     print(f"{r['model']}, batch {r['batch_size']} x {r['seq_len']} tokens, M={r['experts']}, "
           f"adapter r={r['bottleneck']}, LoRA r={r['lora_rank']}; {r['device']}: {r['machine']}, {r['date']}")
-    print(f"\n{'training step':<28}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}{'GFLOP':>8}{'of matmul':>11}"
-          f"{'act. MB':>9}{'trained':>10}")
-    for n, t in r["training"].items():
-        print(f"{n:<28}{t['step_ms']:>9.1f}{t['vs_adapter']:>11.2f}{t['tokens_per_s']:>10.0f}"
-              f"{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%{t['saved_activations_mb']:>9.0f}"
-              f"{t['trainable_params']:>10,}")
-    print(f"(plain matmul: {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)")
-    print(f"\n{'inference forward':<28}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}{'added params':>14}")
-    for n, t in r["inference"].items():
-        print(f"{n:<28}{t['latency_ms']:>9.1f}{t['vs_adapter']:>11.2f}{t['vs_pretrained']:>14.2f}"
-              f"{t['tokens_per_s']:>10.0f}{t['added_params']:>14,}")
+    ps = r["precisions"]
+    vs = lambda t: f"{t['bf16'][key] / t['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""
+    key = "step_ms"
+    print(f"\n{'training step':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}{'GFLOP':>8}"
+          f"{'of matmul':>11}{'act. MB':>9}{'trained':>10}" + ("  bf16/fp32" if len(ps) == 2 else ""))
+    for n, by in r["training"].items():
+        for p, t in by.items():
+            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['step_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
+                  f"{t['tokens_per_s']:>10.0f}{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
+                  f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}" + (vs(by) if p == ps[-1] else ""))
+    print("(plain matmul: " + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in r["matmul_flops_per_s"].items()) + ")")
+    key = "latency_ms"
+    print(f"\n{'inference forward':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}"
+          f"{'added params':>14}" + ("  bf16/fp32" if len(ps) == 2 else ""))
+    for n, by in r["inference"].items():
+        for p, t in by.items():
+            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['latency_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
+                  f"{t['vs_pretrained']:>14.2f}{t['tokens_per_s']:>10.0f}{t['added_params']:>14,}"
+                  + (vs(by) if p == ps[-1] else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +235,8 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=5, help="timing rounds; the median is kept")
     p.add_argument("--repeats", type=int, default=3, help="calls per round")
     p.add_argument("--device", default="auto", help="auto | cpu")
-    p.add_argument("--out", default="bench.json", help="where to write the JSON report")
+    p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both, comma-separated: each row in each")
+    p.add_argument("--out_dir", default="out", help="the JSON report goes to OUT_DIR/bench.json")
     p.add_argument("--results", metavar="FOLDER", help="print the results table of the runs in FOLDER instead")
     args = p.parse_args()
     if args.results:
@@ -225,5 +244,7 @@ if __name__ == "__main__":
     else:
         report = bench(args)
         print_report(report)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.out}")
+        out = Path(args.out_dir) / "bench.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {out}")

@@ -390,6 +390,23 @@ def split_by_hash(items, fractions, seed=SPLIT_SEED):
         out[fractions[k][0]].append(item)
     return out
 
+
+def k_per_class(examples, k, seed):
+    """Few-shot training data: k examples of every label, drawn without replacement by `seed` (numpy),
+    returned in their original order. Works on encoded examples (dicts) or Examples; labels are classes."""
+    label = lambda e: e["label"] if isinstance(e, dict) else e.label
+    by_label = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(label(e), []).append(i)
+    if any(isinstance(y, float) for y in by_label):
+        raise ValueError("k examples per class needs class labels; this task's labels are scores")
+    short = {y: len(idx) for y, idx in by_label.items() if len(idx) < k}
+    if short:
+        raise ValueError(f"k = {k} examples per class, but some classes have fewer: {short}")
+    rng = np.random.default_rng(seed)
+    keep = sorted(i for y in sorted(by_label) for i in rng.choice(by_label[y], size=k, replace=False))
+    return [examples[i] for i in keep]
+
 # -----------------------------------------------------------------------------
 # 5. Tokenisation and batching. An encoded example is a dict of int32 arrays plus its label.
 

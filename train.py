@@ -46,6 +46,7 @@ class TrainConfig:
     lora_alpha: float = 16.0          # LoRA scale alpha (GPT-2 E2E: 32)
     lora_dropout: float = 0.1         # dropout on the LoRA input (GPT-2 E2E: 0.1)
     share: str = "up"                 # which side is shared by all experts: up | down | none
+    expert_init: str = "independent"  # independent draws per expert (paper) | identical copies of one draw
     consistency: float = -1.0         # lambda of the consistency loss; -1: 1 for AdaMix, 0 for baselines (GPT-2: 100)
     consistency_kind: str = "kl_sg"   # kl_sg (official, stop-gradient) | kl | mse (regression)
     batched_views: bool = False       # run the two views as one forward of 2B examples
@@ -61,6 +62,9 @@ class TrainConfig:
     grad_clip: float = 1.0            # 0 turns clipping off
     label_smoothing: float = 0.0      # E2E / WebNLG: 0.1
     seed: int = 0                     # data order, dropout, new heads and the routing generator
+    precision: str = "auto"           # auto: bf16 autocast on CUDA with bf16, and on a CPU whose bf16 matmul is faster than fp32 (timed at start); else fp32
+    unrouted: str = "skip"            # an expert not routed in a step: skip (grad None, AdamW leaves it) | zero (the authors' trainer: grad 0, AdamW moves it by its momentum and decays it)
+    kshot: int = 0                    # few-shot: train on this many examples per class, drawn by seed (0: all); dev and test unchanged
     # evaluation and output
     eval_batch_size: int = 128
     beam: int = 10                    # E2E decoding (paper: beam 10, length penalty 0.8, no repeated 4-grams)
@@ -68,6 +72,7 @@ class TrainConfig:
     no_repeat_ngram: int = 4
     max_new_tokens: int = 64
     eval_limit: int = 0               # evaluate on at most this many examples per split (0: all), for quick looks
+    track_experts: bool = False       # AdaMix: after every epoch also evaluate dev with a random expert and with each expert alone
     log_interval: int = 20
     out_dir: str = "out"
     resume: bool = False              # continue from out_dir/ckpt.pt
@@ -86,17 +91,19 @@ PRESETS = {  # the paper's configurations (SPEC section 2); pass --task and --da
 }
 GROUPS = {  # argparse groups, in the order of the dataclass
     "what to train": "model task data_dir method",
-    "adaptation modules": "experts bottleneck lora_rank lora_alpha lora_dropout share consistency "
+    "adaptation modules": "experts bottleneck lora_rank lora_alpha lora_dropout share expert_init consistency "
                           "consistency_kind batched_views",
     "optimisation (out of memory? lower batch_size and raise grad_accum)":
-        "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed",
+        "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed "
+        "precision unrouted kshot",
     "evaluation and output": "eval_batch_size beam length_penalty no_repeat_ngram max_new_tokens eval_limit "
-                             "log_interval out_dir resume stop_after device",
+                             "track_experts log_interval out_dir resume stop_after device",
 }
 
 
 CHOICES = dict(method=["adamix-adapter", "adamix-lora", "adapter", "lora", "head-only", "full"],
-               share=["up", "down", "none"], consistency_kind=["kl_sg", "kl", "mse"], device=["auto", "cpu", "cuda"])
+               share=["up", "down", "none"], consistency_kind=["kl_sg", "kl", "mse"], device=["auto", "cpu", "cuda"],
+               expert_init=["independent", "identical"], precision=["auto", "fp32", "bf16"], unrouted=["skip", "zero"])
 
 
 def parse_args(argv=None):
@@ -140,7 +147,7 @@ def adapt(net, cfg):
         else:  # LoRA on the query and value projections
             kind, targets, r = "lora", ["*.attn.query", "*.attn.value"], cfg.lora_rank
         mix = adamix.AdaMixConfig(num_experts=experts, r=r, share=cfg.share, lora_alpha=cfg.lora_alpha,
-                                  lora_dropout=cfg.lora_dropout)
+                                  lora_dropout=cfg.lora_dropout, init=cfg.expert_init)
         router = adamix.add_adamix(net, targets, kind, mix, seed=cfg.seed)
     if cfg.method == "full":
         net.requires_grad_(True)
@@ -156,6 +163,50 @@ def make_optimizer(net, cfg):
     no_decay = [p for p in params if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def cpu_bf16_is_fast(n=256, tries=5):
+    """A timing probe: does a bf16 matmul beat fp32 on this CPU? CPUs with native bf16 (x86 AVX512-BF16 or
+    AMX, ARM BF16) run it 1.5-3x faster; without, torch emulates it, 10-100x slower (measured: 20x for a
+    whole AdaMix step on a 2-core AMD EPYC with AVX2 only). Best of `tries` runs each, a few ms in all."""
+    def best(dtype):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(tries):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(torch.bfloat16) < best(torch.float32)
+
+
+def resolve_precision(choice, device):
+    """--precision auto -> "bf16" where the device computes bf16 natively, else "fp32"; other choices as given."""
+    if choice != "auto":
+        return choice
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16_is_fast() else "fp32"
+
+
+def autocast(precision, device):
+    """The one switch for mixed precision: matmuls in bf16 under autocast, weights and optimiser in fp32.
+    Losses, the consistency KL and softmax are computed in fp32 explicitly (task_loss, consistency_loss)."""
+    if precision == "bf16":
+        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def optimizer_step(optimizer, params, cfg):
+    """Clip, step, zero the gradients. What happens to an expert that the next step does not route:
+    --unrouted skip: its grad stays None, and AdamW leaves it exactly as it is.
+    --unrouted zero (the authors' Trainer: model.zero_grad() of torch 1.9 wrote zeros): once routed, its grad
+    is a tensor of zeros from then on, so AdamW keeps moving it along its momentum and decays its weights."""
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=cfg.unrouted == "skip")
 
 
 def get_lr(step, total, cfg):
@@ -253,6 +304,17 @@ def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split
     return task.metric(hypotheses, references)
 
 
+def track_experts(net, router, dev, task, cfg, ctx, device):
+    """Dev metrics with a random expert and with each expert alone, after an epoch. The router's generator
+    is put back afterwards, so tracking does not change the routes that training draws."""
+    state = router.generator.get_state()
+    modes = ["random"] + [f"expert:{k}" for k in range(max(max(m.sizes()) for m in router.mixtures))]
+    out = {mode: evaluate(net, router, dev, task, cfg, mode, ctx, device) for mode in modes}
+    router.generator.set_state(state)
+    adamix.set_inference(net, "merged")
+    return out
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     tmp = Path(str(path) + ".tmp")
@@ -287,7 +349,8 @@ def main(cfg):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    ctx = autocast(cfg.precision, device)
     out_dir = Path(cfg.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +361,8 @@ def main(cfg):
     task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
     task.kind = {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
     train, dev, test = task.splits["train"], task.splits["dev"], task.splits["test"]
+    if cfg.kshot:
+        train = data.k_per_class(train, cfg.kshot, seed=cfg.seed)
     net, router = build(cfg, task.num_labels or None)
     net.to(device)
     optimizer = make_optimizer(net, cfg)
@@ -313,7 +378,7 @@ def main(cfg):
     if master:
         print(f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable parameters, "
               f"{counts['inference']:,} added at inference; {len(train):,} train / {len(dev):,} dev / "
-              f"{len(test):,} test examples; {total_steps} steps on {world} x {device}")
+              f"{len(test):,} test examples; {total_steps} steps on {world} x {device} in {cfg.precision}")
 
     # --- state that --resume restores
     step, best, history, losses = 0, None, [], []  # losses: this epoch's training losses, for the log
@@ -325,6 +390,10 @@ def main(cfg):
         if router is not None:
             router.load_state_dict(ckpt["router"])
         torch.set_rng_state(ckpt["rng"][rank].cpu())
+        if cfg.unrouted == "zero":  # gradients are not saved: the experts that had one get their zeros back
+            for p in trainable:
+                if p in optimizer.state:
+                    p.grad = torch.zeros_like(p)
         step, best, history, losses = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["losses"]
         if master:
             print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
@@ -366,10 +435,7 @@ def main(cfg):
             for p in trainable:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # an expert that was not routed keeps grad None: no update
+        optimizer_step(optimizer, trainable, cfg)
         step += 1
 
         # --- log, evaluate at the end of every epoch (and after the last step), checkpoint
@@ -383,6 +449,10 @@ def main(cfg):
             improved = best is None or (score > best if higher_is_better else score < best)
             history.append(dict(step=step, epoch=step / steps_per_epoch, train_loss=sum(losses) * cfg.grad_accum
                                 / len(losses), dev=dev_metrics, best=improved))
+            if router is not None:  # how far apart the experts are, and (optional) how each does alone
+                history[-1]["expert_distance"] = adamix.expert_distance(net)
+                if cfg.track_experts:
+                    history[-1]["dev_modes"] = track_experts(net, router, dev, task, cfg, ctx, device)
             losses = []
             if improved:
                 best = score
@@ -414,7 +484,8 @@ def main(cfg):
         test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
                       else decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device))
     results = dict(config=dataclasses.asdict(cfg), parameters=counts, history=history, test=test_metrics,
-                   wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world, device=device)
+                   wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world, device=device,
+                   precision=cfg.precision, train_examples=len(train))
     if master:
         print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples"
               + (f", at most {cfg.eval_limit} of them evaluated):" if cfg.eval_limit else "):"))

@@ -576,3 +576,33 @@ def test_add_adamix_replaces_in_place_and_rejects_no_match():
         adamix.add_adamix(model, ["layers.0"], "adapter")  # already wrapped: `.base` is not a target
     with pytest.raises(ValueError, match="share"):
         adamix.add_adamix(model, ["layers.1"], "adapter", AdaMixConfig(share="both"))
+
+
+# ---- the study's tools: identical initialisation and the distance between experts ------------------
+
+@given(setups(experts=(2, 8), shares=("up", "down", "none")))
+def test_identical_init_copies_one_draw_and_independent_init_does_not(s):
+    """init="identical": every expert of a side equals expert 0 (distance 0); "independent": all differ."""
+    for init in ("identical", "independent"):
+        s.cfg.init = init
+        model, _, _ = build(s, perturb=False)
+        for m in adamix.mixtures(model):
+            for ws in (m.adamix_down_weight, m.adamix_up_weight):
+                nonzero = ws[0].abs().sum() > 0  # LoRA's B starts at zero in both modes
+                for w in ws[1:]:
+                    assert torch.equal(w, ws[0]) == (init == "identical" or not nonzero)
+        if init == "identical":
+            assert all(d == pytest.approx(0.0, abs=1e-6) for ds in adamix.expert_distance(model).values() for d in ds)
+
+
+def test_expert_distance_is_the_mean_pairwise_cosine_distance():
+    """Three down experts set by hand: e1, e2 (orthogonal: 1), -e1 (opposite: 2) -> mean (1 + 2 + 1) / 3."""
+    model = Net([4, 4])
+    adamix.add_adamix(model, ["layers.*"], "adapter", AdaMixConfig(num_experts=3, r=1, share="up"))
+    m = adamix.mixtures(model)[0]
+    with torch.no_grad():
+        for w, v in zip(m.adamix_down_weight, ([1., 0, 0, 0], [0, 2., 0, 0], [-3., 0, 0, 0])):
+            w.copy_(torch.tensor([v]))
+    assert adamix.expert_distance(model) == {"down": [pytest.approx(4 / 3)]}  # up is shared: left out
+    with pytest.raises(ValueError, match="init must be"):
+        adamix.add_adamix(Net([4, 4]), ["layers.*"], "adapter", AdaMixConfig(init="same"))

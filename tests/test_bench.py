@@ -12,18 +12,23 @@ import bench
 def test_bench_reports_every_configuration(tmp_path):
     shutil.copytree(FIXTURES / "tiny-bert-legacy", tmp_path / "ckpt")
     args = SimpleNamespace(model=str(tmp_path / "ckpt"), batch_size=2, seq_len=8, experts=2, bottleneck=4, lora_rank=2,
-                           rounds=1, repeats=1, device="cpu")
+                           rounds=1, repeats=1, device="cpu", precisions="fp32,bf16")
     r = bench.bench(args)
     assert set(r["training"]) == set(bench.TRAINING) and set(r["inference"]) == set(bench.INFERENCE)
-    assert r["training"]["adapter"]["vs_adapter"] == 1.0
-    # added at inference: a merged adapter is one adapter; folded LoRA adds nothing
-    assert r["inference"]["AdaMix adapter, merged"]["added_params"] == r["inference"]["adapter"]["added_params"] > 0
-    assert r["inference"]["AdaMix LoRA, folded"]["added_params"] == 0
-    # two passes compute twice the adapter's forward work: more FLOPs than one pass, and the batched
-    # step the same FLOPs as two passes
-    t = r["training"]
-    assert t["AdaMix adapter, 2 passes"]["flops_per_step"] > t["adapter"]["flops_per_step"]
-    assert t["AdaMix adapter, batched 2B"]["flops_per_step"] == pytest.approx(t["AdaMix adapter, 2 passes"]["flops_per_step"], rel=0.01)
+    assert all(set(by) == {"fp32", "bf16"} for part in ("training", "inference") for by in r[part].values())
+    assert set(r["matmul_flops_per_s"]) == {"fp32", "bf16"}
+    for p in ("fp32", "bf16"):
+        t, i = {n: by[p] for n, by in r["training"].items()}, {n: by[p] for n, by in r["inference"].items()}
+        assert t["adapter"]["vs_adapter"] == 1.0
+        # added at inference: a merged adapter is one adapter; folded LoRA adds nothing
+        assert i["AdaMix adapter, merged"]["added_params"] == i["adapter"]["added_params"] > 0
+        assert i["AdaMix LoRA, folded"]["added_params"] == 0
+        # two passes compute twice the adapter's forward work: more FLOPs than one pass, and the batched
+        # step the same FLOPs as two passes
+        assert t["AdaMix adapter, 2 passes"]["flops_per_step"] > t["adapter"]["flops_per_step"]
+        assert t["AdaMix adapter, batched 2B"]["flops_per_step"] == pytest.approx(
+            t["AdaMix adapter, 2 passes"]["flops_per_step"], rel=0.01)
+    bench.print_report(r)  # the side-by-side table prints without error
 
 
 def test_results_table_mean_and_sample_std(tmp_path):

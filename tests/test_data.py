@@ -349,3 +349,16 @@ def test_shuffled_batches_bucket_and_cover_everything_once():
     assert np.mean(widths) < 2.5                                            # bucketed (random: ~5.7)
     shards = [data.make_batches(ex, 8, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
     assert len({len(s) for s in shards}) == 1 and sum(len(s) for s in shards) == 123  # 125 batches -> 123
+
+
+def test_k_per_class_draws_k_of_each_label_by_seed():
+    examples = [dict(input_ids=[i], label=i % 3) for i in range(30)]  # 10 of each of 3 labels
+    a, b, c = (data.k_per_class(examples, 4, seed) for seed in (0, 0, 1))
+    assert a == b and a != c                                  # the seed decides, and only the seed
+    assert sorted(e["label"] for e in a) == [0] * 4 + [1] * 4 + [2] * 4
+    assert [e["input_ids"] for e in a] == sorted(e["input_ids"] for e in a)  # original order kept
+    assert len({e["input_ids"][0] for e in a}) == 12          # without replacement
+    with pytest.raises(ValueError, match="fewer"):
+        data.k_per_class(examples, 11, 0)
+    with pytest.raises(ValueError, match="scores"):
+        data.k_per_class([dict(input_ids=[0], label=0.5)], 1, 0)

@@ -229,3 +229,106 @@ def test_regression_task_uses_squared_error_consistency(tmp_path, monkeypatch):
     results = train.main(config(ckpt, tmp_path / "glue", tmp_path / "out", task="stsb", epochs=1))
     assert set(kinds) == {"mse"}
     assert -1.0 <= results["test"]["merged"]["pearson"] <= 1.0
+
+
+# -----------------------------------------------------------------------------
+# the study's options: --unrouted, --precision, --kshot, --expert_init, expert tracking
+
+@pytest.mark.parametrize("unrouted", ["skip", "zero"])
+def test_unrouted_expert_update(unrouted):
+    """Two experts; step 1 routes both, step 2 only expert a. Expert b in step 2, by AdamW's equations:
+    skip: unchanged. zero: g = 0, so m2 = b1 m1, v2 = b2 v1, and p2 = p1 (1 - lr wd) - lr m2_hat / (sqrt(v2_hat) + eps)."""
+    lr, wd, (b1, b2), eps = 0.1, 0.1, (0.9, 0.999), 1e-8
+    a, b = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5, 3.0]))
+    opt = torch.optim.AdamW([a, b], lr=lr, weight_decay=wd, betas=(b1, b2), eps=eps)
+    cfg = train.TrainConfig(unrouted=unrouted, grad_clip=0.0)
+    g1 = torch.tensor([0.3, -0.7])
+    ((a + b) * g1).sum().backward()                  # step 1: both routed, both get g1
+    train.optimizer_step(opt, [a, b], cfg)
+    b1_value = b.detach().clone()
+    (a * g1).sum().backward()                        # step 2: only a is routed
+    train.optimizer_step(opt, [a, b], cfg)
+    if unrouted == "skip":
+        assert torch.equal(b.detach(), b1_value)
+    else:
+        m2, v2 = b1 * (1 - b1) * g1, b2 * (1 - b2) * g1 ** 2
+        m_hat, v_hat = m2 / (1 - b1 ** 2), v2 / (1 - b2 ** 2)
+        expected = b1_value * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+        torch.testing.assert_close(b.detach(), expected)
+        assert not torch.equal(b.detach(), b1_value)
+
+
+def test_unrouted_zero_resumes_exactly(sst2, tmp_path):
+    """With --unrouted zero the zero gradients are part of the state: a resumed run ends bit-identical."""
+    ckpt, glue = sst2
+    straight = train.main(config(ckpt, glue, tmp_path / "a", epochs=2, unrouted="zero", experts=4))
+    train.main(config(ckpt, glue, tmp_path / "b", epochs=2, unrouted="zero", experts=4, stop_after=7))
+    resumed = train.main(config(ckpt, glue, tmp_path / "b", epochs=2, unrouted="zero", experts=4, resume=True))
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["weights"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test"] == straight["test"]
+
+
+def test_precision_choices(monkeypatch):
+    assert train.resolve_precision("fp32", "cpu") == "fp32" and train.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: True)
+    assert train.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: False)
+    assert train.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.resolve_precision("auto", "cuda:0") == "bf16"
+    assert isinstance(train.autocast("bf16", "cpu"), torch.autocast)
+    assert isinstance(train.autocast("fp32", "cpu"), train.nullcontext)
+
+
+def test_bf16_probe_compares_two_timings(monkeypatch):
+    """The probe says bf16 is fast exactly when the bf16 matmul took less time than the fp32 one."""
+    for bf16_s, fp32_s, fast in [(1.0, 2.0, True), (2.0, 1.0, False)]:
+        clock = iter([0.0, bf16_s] * 5 + [0.0, fp32_s] * 5)
+        monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+        assert train.cpu_bf16_is_fast(n=8, tries=5) is fast
+
+
+def test_bf16_training_on_the_cpu_is_close_to_fp32(sst2, tmp_path):
+    """A few steps in bf16 autocast: finite losses within bf16's rounding of fp32's, and every inference
+    mode (merged, random, expert, ensemble) runs in bf16; the chosen precision is stored."""
+    ckpt, glue = sst2
+    runs = {p: train.main(config(ckpt, glue, tmp_path / p, epochs=1, precision=p, method="adamix-lora"))
+            for p in ("fp32", "bf16")}
+    losses = {p: r["history"][0]["train_loss"] for p, r in runs.items()}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * abs(losses["fp32"]) + 0.01
+    assert runs["bf16"]["precision"] == "bf16" and runs["bf16"]["config"]["precision"] == "bf16"
+    assert set(runs["bf16"]["test"]) == {"merged", "random", "expert:0", "ensemble"}
+
+
+def test_folded_and_collapsed_inference_in_bf16(tmp_path):
+    """Under bf16 autocast, folded LoRA and collapsed adapters give the merged model's logits up to bf16 rounding."""
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", dropout=0.0)
+    ids = torch.randint(5, 20, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    for kind, targets, finish in [("lora", ["*.attn.query", "*.attn.value"], adamix.fold_lora),
+                                  ("adapter", ["*.mlp.fc_out"], adamix.collapse_experts)]:
+        net = modeling.from_pretrained(ckpt, num_labels=2)
+        adamix.add_adamix(net, targets, kind, adamix.AdaMixConfig(num_experts=3, r=4))
+        for p in net.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        net.eval()
+        with torch.no_grad(), train.autocast("bf16", "cpu"):
+            merged = train.predict(net, dict(input_ids=ids, attention_mask=mask)).float()
+            finish(net)
+            final = train.predict(net, dict(input_ids=ids, attention_mask=mask)).float()
+        assert torch.isfinite(final).all()
+        torch.testing.assert_close(final, merged, atol=0.05 + 0.02 * merged.abs().max().item(), rtol=0.0)
+
+
+def test_kshot_track_experts_and_identical_init(sst2, tmp_path):
+    ckpt, glue = sst2
+    r = train.main(config(ckpt, glue, tmp_path / "k", epochs=2, kshot=8, experts=3, track_experts=True,
+                          expert_init="identical"))
+    assert r["train_examples"] == 16  # 8 of each of the two labels
+    for h in r["history"]:
+        assert set(h["dev_modes"]) == {"random", "expert:0", "expert:1", "expert:2"}
+        assert set(h["expert_distance"]) == {"down"} and len(h["expert_distance"]["down"]) == 2  # 2 layers, up shared
+        assert all(0.0 < d < 1.0 for d in h["expert_distance"]["down"])  # identical at start, apart after routing
