@@ -493,6 +493,10 @@ def main(cfg):
             print(f"  {mode:<10}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
         save_atomic_json(results, out_dir / "metrics.json")
         print(f"wrote {out_dir / 'metrics.json'}")
+        if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its single module?
+            single = cfg.method.removeprefix("adamix-")
+            print(f"compare with one {single} of the same inference size, same budget and seed:\n  python train.py "
+                  f"--method {single} --task {cfg.task} --epochs {cfg.epochs} --seed {cfg.seed} --out_dir {out_dir}-{single}")
     if ddp:
         dist.destroy_process_group()
     return results

@@ -2,7 +2,7 @@
 # The study "when does AdaMix beat a single adapter?": every run behind results/, one line each, in the
 # order they run. A run whose summary results/runs/NAME.json exists is skipped, so the script picks up
 # where it stopped; each finished run's summary is committed at once. One training process at a time.
-#   cp results/study.sh runs/ && nohup bash runs/study.sh > runs/study.log 2>&1 &   (a copy: bash reads
+#   cp results/study.sh runs/ && nohup bash runs/study.sh budget > runs/study.log 2>&1 &   (a copy: bash reads
 #   a script while it runs it, so the original can then be edited safely); then python results/report.py
 # Common to all: all-MiniLM-L6-v2, movie reviews (mr), batch 32, lr 1e-3, adapter r 16, M 4, up shared.
 set -u
@@ -22,13 +22,22 @@ run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json 
   fi
 }
 
-# 1. budget: 10 epochs, dev after each; adapter against AdaMix (with every expert tracked on dev)
-# 5. and the experts' distance with and without the consistency loss (the λ = 0 run)
-run budget-adapter-s0          --method adapter        --epochs 10 --seed 0
-run budget-adamix-adapter-s0   --method adamix-adapter --epochs 10 --seed 0 --track_experts
-run budget-adamix-adapter-unrouted-zero-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --unrouted zero
-run budget-adamix-adapter-lambda0-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --consistency 0
-for seed in 1 2; do
-  run budget-adapter-s$seed        --method adapter        --epochs 10 --seed $seed
-  run budget-adamix-adapter-s$seed --method adamix-adapter --epochs 10 --seed $seed --track_experts
-done
+budget() {  # 1. 10 epochs, dev after each: adapter against AdaMix (every expert tracked on dev);
+            # 2. the authors' update of unrouted experts; 5. the experts without the consistency loss (λ = 0)
+  run budget-adapter-s0          --method adapter        --epochs 10 --seed 0
+  run budget-adamix-adapter-s0   --method adamix-adapter --epochs 10 --seed 0 --track_experts
+  run budget-adamix-adapter-unrouted-zero-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --unrouted zero
+  run budget-adamix-adapter-lambda0-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --consistency 0
+  for seed in 1 2; do
+    run budget-adapter-s$seed        --method adapter        --epochs 10 --seed $seed
+    run budget-adamix-adapter-s$seed --method adamix-adapter --epochs 10 --seed $seed --track_experts
+  done
+}
+
+fewshot() {  # 4. K examples per class drawn by seed from train; dev and test unchanged; batch 8, 20 epochs
+  for k in 16 64 256; do for seed in 0 1 2 3 4; do for method in adapter adamix-adapter; do
+    run fewshot-k$k-$method-s$seed --method $method --kshot $k --batch_size 8 --epochs 20 --seed $seed
+  done; done; done
+}
+
+"${@:-budget}"   # bash results/study.sh [budget | fewshot]: one part per process; two parts can run side by side

@@ -1,0 +1,200 @@
+"""
+results/report.py: every table and figure of the study "when does AdaMix beat a single adapter?",
+rebuilt from the run summaries in results/runs/*.json (train.py's metrics.json, one per run).
+
+    python results/report.py            # writes results/summary.md and, with matplotlib, results/*.svg
+
+A run's name is <experiment>-<method>[-<variant>]-s<seed> (see results/study.sh); runs that differ only
+in the seed form a group. An AdaMix group is compared with the single module of its experiment
+(budget-adamix-adapter-lambda0 with budget-adapter), paired by seed: the paired difference is the mean
+and spread over seeds of (AdaMix - baseline) for the same seed. Accuracies are in %, mean ± sample
+standard deviation over seeds; "test" is at the epoch chosen on dev. matplotlib is needed for the
+figures only (`pip install matplotlib`); without it the tables are still written.
+"""
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODES = ["merged", "random", "expert:0", "ensemble"]
+
+
+def load(folder=HERE / "runs"):
+    """{group: {seed: run}} from every results/runs/<group>-s<seed>.json."""
+    groups = defaultdict(dict)
+    for path in sorted(folder.glob("*.json")):
+        group, seed = re.fullmatch(r"(.+)-s(\d+)", path.stem).groups()
+        groups[group][int(seed)] = json.loads(path.read_text())
+    return dict(groups)
+
+
+def baseline_of(group):
+    """budget-adamix-adapter-lambda0 -> budget-adapter; fewshot-k16-adamix-lora -> fewshot-k16-lora; else None."""
+    m = re.fullmatch(r"(.+)-adamix-(adapter|lora)(-.*)?", group)
+    return f"{m[1]}-{m[2]}" if m else None
+
+
+def pct(xs):
+    xs = [100 * x for x in xs]
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def acc(metrics):
+    return metrics.get("accuracy", next(iter(metrics.values())))
+
+
+def dev_curve(run, mode="merged"):
+    """Dev accuracy after every epoch: merged from the history, other modes from --track_experts."""
+    if mode == "merged":
+        return [acc(h["dev"]) for h in run["history"]]
+    return [acc(h["dev_modes"][mode]) for h in run["history"]] if "dev_modes" in run["history"][0] else None
+
+
+def mean_distance(h):  # mean over layers of the down experts' pairwise cosine distance
+    d = h.get("expert_distance", {}).get("down")
+    return statistics.mean(d) if d else None
+
+
+def summary_table(groups):
+    rows = ["| runs | seeds | epochs | best dev epoch | test: merged | random expert | expert 0 | ensemble "
+            "| AdaMix − single (paired) | min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for group, runs in groups.items():
+        seeds = sorted(runs)
+        test = lambda mode: pct([acc(runs[s]["test"][mode]) for s in seeds]) if mode in runs[seeds[0]]["test"] else "—"
+        best = [next(i + 1 for i, h in enumerate(runs[s]["history"]) if acc(h["dev"]) == max(dev_curve(runs[s])))
+                for s in seeds]
+        base, paired = baseline_of(group), "—"
+        if base in groups:
+            common = [s for s in seeds if s in groups[base]]
+            if common:
+                diffs = [acc(runs[s]["test"]["merged"]) - acc(groups[base][s]["test"]["merged"]) for s in common]
+                paired = f"{pct(diffs)} (seeds {', '.join(map(str, common))})"
+        minutes = statistics.mean(runs[s]["wall_time_s"] for s in seeds) / 60
+        rows.append(f"| {group} | {', '.join(map(str, seeds))} | {runs[seeds[0]]['config']['epochs']} | "
+                    f"{', '.join(map(str, best))} | {test('merged')} | {test('random')} | {test('expert:0')} | "
+                    f"{test('ensemble')} | {paired} | {minutes:.0f} |")
+    return "\n".join(rows)
+
+
+def epoch_table(groups, prefix="budget-"):
+    """Dev accuracy (merged) after every epoch, mean over seeds, for the groups of one experiment."""
+    chosen = {g: runs for g, runs in groups.items() if g.startswith(prefix)}
+    if not chosen:
+        return ""
+    n = max(len(r["history"]) for runs in chosen.values() for r in runs.values())
+    rows = ["| epoch | " + " | ".join(chosen) + " |", "|---" * (len(chosen) + 1) + "|"]
+    for e in range(n):
+        cells = []
+        for runs in chosen.values():
+            xs = [acc(r["history"][e]["dev"]) for r in runs.values() if len(r["history"]) > e]
+            cells.append(pct(xs) if xs else "")
+        rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def expert_table(groups):
+    """Per epoch, for AdaMix runs with --track_experts: the experts' distance and merged - best single expert."""
+    rows = ["| runs (seed) | epoch | down experts' distance | dev: merged | best single expert | merged − best single |",
+            "|---|---|---|---|---|---|"]
+    for group, runs in groups.items():
+        for seed, run in sorted(runs.items()):
+            for e, h in enumerate(run["history"]):
+                if "dev_modes" not in h:
+                    continue
+                single = max(acc(v) for k, v in h["dev_modes"].items() if k.startswith("expert:"))
+                rows.append(f"| {group} ({seed}) | {e + 1} | {mean_distance(h):.3f} | {100 * acc(h['dev']):.2f} | "
+                            f"{100 * single:.2f} | {100 * (acc(h['dev']) - single):+.2f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+def band(ax, curves, label, **style):
+    """Mean over seeds as a line, min to max over seeds as a band."""
+    n = min(len(c) for c in curves)
+    cols = [[100 * c[e] for c in curves] for e in range(n)]
+    x = range(1, n + 1)
+    ax.plot(x, [statistics.mean(c) for c in cols], label=f"{label} ({len(curves)} seed{'s' * (len(curves) > 1)})",
+            **style)
+    if len(curves) > 1:
+        ax.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2, color=style.get("color"))
+
+
+def figures(groups, plt):
+    plt.rcParams["svg.hashsalt"] = "adamix"  # the same SVG for the same data: small diffs in git
+    save = lambda fig, name: (fig.tight_layout(), fig.savefig(HERE / name, metadata={"Date": None}), plt.close(fig))
+    written = []
+    # (a) the budget: dev accuracy per epoch, adapter against AdaMix merged / random expert / expert 0
+    if "budget-adapter" in groups and "budget-adamix-adapter" in groups:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        band(ax, [dev_curve(r) for r in groups["budget-adapter"].values()], "adapter", color="black")
+        adamix = groups["budget-adamix-adapter"].values()
+        for mode, color in [("merged", "tab:blue"), ("random", "tab:orange"), ("expert:0", "tab:green")]:
+            curves = [c for c in (dev_curve(r, mode) for r in adamix) if c]
+            if curves:
+                band(ax, curves, f"AdaMix adapter, {mode}", color=color, linestyle="-" if mode == "merged" else "--")
+        ax.set(xlabel="epoch", ylabel="dev accuracy (%)", title="MiniLM on movie reviews: longer training")
+        ax.legend(fontsize=8)
+        save(fig, "fig_budget.svg")
+        written.append("fig_budget.svg")
+    # (b) why merging works: the experts' distance and merged minus the best single expert, per epoch
+    tracked = {g: runs for g, runs in groups.items() if any("dev_modes" in h for r in runs.values() for h in r["history"])}
+    if tracked:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for (group, runs), color in zip(tracked.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            dist = [[mean_distance(h) for h in r["history"]] for r in runs.values()]
+            band(left, [[d / 100 for d in c] for c in dist], group, color=color)  # band() multiplies by 100
+            gaps = [[acc(h["dev"]) - max(acc(v) for k, v in h["dev_modes"].items() if k.startswith("expert:"))
+                     for h in r["history"]] for r in runs.values()]
+            band(right, gaps, group, color=color)
+        left.set(xlabel="epoch", ylabel="mean pairwise cosine distance", title="how far apart the down experts are")
+        right.axhline(0, color="gray", linewidth=0.8)
+        right.set(xlabel="epoch", ylabel="dev accuracy: merged − best expert (points)",
+                  title="does averaging the experts help?")
+        left.legend(fontsize=7)
+        save(fig, "fig_experts.svg")
+        written.append("fig_experts.svg")
+    # (c) few-shot: test accuracy against K examples per class
+    fewshot = defaultdict(dict)  # method -> {k: [test accuracies]}
+    for group, runs in groups.items():
+        m = re.fullmatch(r"fewshot-k(\d+)-(.+)", group)
+        if m:
+            fewshot[m[2]][int(m[1])] = [100 * acc(r["test"]["merged"]) for r in runs.values()]
+    if fewshot:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for method, by_k in sorted(fewshot.items()):
+            ks = sorted(by_k)
+            ax.errorbar(ks, [statistics.mean(by_k[k]) for k in ks], capsize=3, marker="o", label=method,
+                        yerr=[statistics.stdev(by_k[k]) if len(by_k[k]) > 1 else 0 for k in ks])
+        ax.set(xscale="log", xlabel="training examples per class (K)", ylabel="test accuracy (%)",
+               title="few-shot movie reviews (mean ± std over seeds)")
+        ax.legend(fontsize=8)
+        save(fig, "fig_fewshot.svg")
+        written.append("fig_fewshot.svg")
+    return written
+
+
+def main():
+    groups = load()
+    parts = ["# Study results (generated by results/report.py from results/runs/*.json)",
+             "## Every group of runs\n\n" + summary_table(groups),
+             "## Dev accuracy (merged) after every epoch, 10-epoch budget\n\n" + epoch_table(groups),
+             "## The experts during training (runs with --track_experts)\n\n" + expert_table(groups)]
+    (HERE / "summary.md").write_text("\n\n".join(p for p in parts if not p.endswith("\n\n")) + "\n")
+    print(f"wrote {HERE / 'summary.md'}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: tables only (pip install matplotlib for the figures)")
+        return
+    for name in figures(groups, plt):
+        print(f"wrote {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()

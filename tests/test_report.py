@@ -1,0 +1,51 @@
+"""results/report.py: groups runs by name, pairs AdaMix with its single module by seed, computes the spread."""
+import importlib.util
+import json
+
+import pytest
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("report", ROOT / "results" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def fake_run(folder, name, seed, test_acc, dev_accs, tracked=False):
+    history = []
+    for e, a in enumerate(dev_accs):
+        h = dict(epoch=e + 1, dev={"accuracy": a}, expert_distance={"down": [0.5, 0.7]})
+        if tracked:
+            h["dev_modes"] = {"random": {"accuracy": a - 0.01}, "expert:0": {"accuracy": a - 0.02},
+                              "expert:1": {"accuracy": a + 0.03}}
+        history.append(h)
+    test = {m: {"accuracy": test_acc} for m in (report.MODES if tracked else ["merged"])}
+    run = dict(config=dict(epochs=len(dev_accs), seed=seed), history=history, test=test, wall_time_s=120)
+    (folder / f"{name}-s{seed}.json").write_text(json.dumps(run))
+
+
+def test_tables_pair_by_seed_and_use_the_sample_std(tmp_path):
+    for seed, (base, mix) in enumerate([(0.70, 0.72), (0.80, 0.86), (0.90, 0.90)]):
+        fake_run(tmp_path, "budget-adapter", seed, base, [0.6, 0.7, 0.65])
+        fake_run(tmp_path, "budget-adamix-adapter-lambda0", seed, mix, [0.5, 0.6, 0.7], tracked=True)
+    groups = report.load(tmp_path)
+    assert set(groups) == {"budget-adapter", "budget-adamix-adapter-lambda0"}
+    assert report.baseline_of("budget-adamix-adapter-lambda0") == "budget-adapter"
+    assert report.baseline_of("fewshot-k16-adamix-lora") == "fewshot-k16-lora"
+    table = report.summary_table(groups)
+    # adapter: mean 80.00, sample std 10.00; best dev epoch 2 in every seed
+    assert "| budget-adapter | 0, 1, 2 | 3 | 2, 2, 2 | 80.00 ± 10.00 | — |" in table
+    # paired differences +2, +6, 0 points: mean 2.67, sample std 3.06
+    assert "2.67 ± 3.06 (seeds 0, 1, 2)" in table
+    # merged minus the best single expert (expert 1, +3 points): -3.00 at every epoch
+    assert "| budget-adamix-adapter-lambda0 (0) | 1 | 0.600 | 50.00 | 53.00 | -3.00 |" in report.expert_table(groups)
+
+
+def test_figures_are_written(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot", reason="matplotlib is optional: figures only")
+    for seed in (0, 1):
+        fake_run(tmp_path, "budget-adapter", seed, 0.8, [0.6, 0.7])
+        fake_run(tmp_path, "budget-adamix-adapter", seed, 0.8, [0.6, 0.7], tracked=True)
+        fake_run(tmp_path, "fewshot-k16-adapter", seed, 0.6, [0.6])
+    monkeypatch.setattr(report, "HERE", tmp_path)
+    assert report.figures(report.load(tmp_path), plt) == ["fig_budget.svg", "fig_experts.svg", "fig_fewshot.svg"]
+    assert all((tmp_path / name).read_text().startswith("<?xml") for name in ("fig_budget.svg", "fig_fewshot.svg"))
