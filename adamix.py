@@ -526,6 +526,18 @@ def collapse_experts(model):
                     setattr(m, PREFIX + name, nn.ParameterList([mean]))
 
 
+def merged_lora(model):
+    """{layer name: (A_bar (r, C_in), B_bar (C_out, r), alpha / r)} for every LoRA mixture: the merged
+    update is scaling · B_bar @ A_bar, in the factored form that LoRA files (e.g. PEFT's) store."""
+    out = {}
+    for name, m in _inner(model).named_modules():
+        if isinstance(m, _Mixture):
+            if not isinstance(m, LoRAMixture) or m.folded:
+                raise ValueError(f"{name}: only unfolded LoRA mixtures have LoRA factors (unfold_lora first)")
+            out[_plain(name)] = (m._side("down")[0].detach(), m._side("up")[0].detach(), m.scaling)
+    return out
+
+
 class Adapter(nn.Module):
     """One plain adapter after `base`: out = h + up(GELU(down(h))), h = base(x). What unwrap leaves of an
     AdapterMixture; it needs nothing else from this file (copy these lines to serve without AdaMix)."""
