@@ -545,6 +545,7 @@ class Adapter(nn.Module):
     def __init__(self, base, down, up):
         super().__init__()
         self.base, self.down, self.up = base, down, up
+        self.register_forward_pre_hook(_no_fast_path)  # as for the mixtures
 
     def forward(self, x):
         h = self.base(x)
