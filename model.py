@@ -617,24 +617,35 @@ def hf_module_name(model, name):
     return prefix + layer.format(m.group(1)) + names[m.group(2)]
 
 
-def export_peft(model, folder, base_model_name_or_path=None):
+def export_peft(model, folder, base_model_name_or_path=None, head=None):
     """Write the merged LoRA of `model` (AdaMix-LoRA or plain LoRA, from adamix.py) and its task head as a
     PEFT LoRA adapter folder. Per layer, PEFT computes W + (lora_alpha / r) · lora_B @ lora_A (transposed
     for GPT-2's Conv1D, fan_in_fan_out); we store A_bar, B_bar and lora_alpha = scaling · r.
+
+    A Transformer of this file gets Hugging Face module names (hf_module_name) and its head saved under
+    the Hugging Face names. Any other nn.Module keeps its own names (PEFT can wrap it as it is); `head`
+    then names its trained head module(s), saved whole (modules_to_save).
 
     GPT-2: LoRA on q and v is one LoRA on the fused c_attn (C -> 3C), of rank 2r:
         lora_A = [A_q; A_v]                (2r, C)
         lora_B = [[B_q, 0], [0, 0], [0, B_v]]  (3C, 2r): rows 0:C are q's outputs, C:2C k's, 2C:3C v's
     so lora_B @ lora_A = [B_q A_q; 0; B_v A_v], with the scalings folded into the blocks of lora_B."""
-    family, factors = model.config.model_type, adamix.merged_lora(model)
+    factors = adamix.merged_lora(model)
     if not factors:
         raise ValueError("the model has no LoRA mixture to export")
+    family = model.config.model_type if isinstance(model, Transformer) else None
+    hf_name = (lambda name: hf_module_name(model, name)) if family else (lambda name: name)
+    if family is None:  # the user's own names; the head, if any, under its own name too
+        heads = [] if head is None else [head] if isinstance(head, str) else list(head)
+        head_map = {f"{h}.": (f"{h}.", h) for h in heads}
+    else:
+        head_map = HF_HEADS[family] if model.head is not None else {}
     modules = {}  # HF module -> [(our layer, A, B, scaling)]
     for name, (a, b, scaling) in factors.items():
-        modules.setdefault(hf_module_name(model, name), []).append((name, a, b, scaling))
+        modules.setdefault(hf_name(name), []).append((name, a, b, scaling))
     tensors, ranks = {}, {}
     for hf, parts in modules.items():
-        if not hf.endswith(".c_attn"):
+        if not (family == "gpt2" and hf.endswith(".c_attn")):
             (_, a, b, scaling), = parts
             alpha = scaling * a.shape[0]
         else:  # GPT-2's fused c_attn: stack the A's, place each B in its rows and columns
@@ -649,21 +660,21 @@ def export_peft(model, folder, base_model_name_or_path=None):
         tensors[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
         ranks[hf] = (a.shape[0], alpha)
     saved_heads = set()
-    for ours, t in model.state_dict().items() if model.head is not None else ():  # PEFT's modules_to_save
-        for head, (hf, module) in HF_HEADS[family].items():
-            if ours.startswith(head):
-                tensors[f"base_model.model.{hf}{ours[len(head):]}"] = t
+    for ours, t in model.state_dict().items():  # the trained head: PEFT's modules_to_save
+        for prefix, (hf, module) in head_map.items():
+            if ours.startswith(prefix):
+                tensors[f"base_model.model.{hf}{ours[len(prefix):]}"] = t
                 saved_heads.add(module)
     (r, alpha), *_ = ranks.values()
     patterns = {}  # module leaf name -> (rank, alpha) where it differs from (r, alpha): GPT-2's fused c_attn
     for hf, ra in ranks.items():
         if ra != (r, alpha):
-            patterns.setdefault(hf.rsplit(".", 1)[1], ra)
-    if any(patterns.get(hf.rsplit(".", 1)[1], ra) != ra for hf, ra in ranks.items()):
+            patterns.setdefault(hf.rsplit(".", 1)[-1], ra)
+    if any(patterns.get(hf.rsplit(".", 1)[-1], ra) != ra for hf, ra in ranks.items()):
         raise ValueError(f"ranks and alphas {ranks} cannot be told apart by module name (PEFT's rank_pattern)")
     rank_pattern, alpha_pattern = ({k: ra[i] for k, ra in patterns.items()} for i in (0, 1))
     config = dict(
-        peft_type="LORA", task_type=("SEQ_CLS" if model.head is not None else
+        peft_type="LORA", task_type=(None if family is None else "SEQ_CLS" if model.head is not None else
                                      "CAUSAL_LM" if family == "gpt2" else "FEATURE_EXTRACTION"),
         base_model_name_or_path=base_model_name_or_path, revision=None, inference_mode=True,
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted(modules),  # exact module names
