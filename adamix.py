@@ -434,7 +434,7 @@ def expert_distance(model):
             ws = getattr(m, f"adamix_{side}_weight")
             if len(ws) < 2:
                 continue
-            x = torch.stack([w.detach().flatten().float() for w in ws])  # (M, P)
+            x = torch.stack([w.detach().flatten().float() for w in ws])  # (M, numel)
             n = x.norm(dim=1, keepdim=True)                                # (M, 1)
             cos = (x @ x.T) / (n * n.T).clamp_min(1e-30)                   # (M, M)
             cos = torch.where((n == 0) & (n.T == 0), 1.0, cos)  # two zero experts (LoRA's B at start) are equal

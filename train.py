@@ -50,6 +50,7 @@ class TrainConfig:
     consistency: float = -1.0         # lambda of the consistency loss; -1: 1 for AdaMix, 0 for baselines (GPT-2: 100)
     consistency_kind: str = "kl_sg"   # kl_sg (official, stop-gradient) | kl | mse (regression)
     batched_views: bool = False       # run the two views as one forward of 2B examples
+    differ_routes: bool = False       # the two views never take the same route in a mixture (paper: independent draws)
     # optimisation (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
     lr: float = 1e-3                  # higher than the paper's 4e-4 because the default run is short
     weight_decay: float = 0.1         # not applied to biases and LayerNorm weights
@@ -92,7 +93,7 @@ PRESETS = {  # the paper's configurations (the authors' scripts); pass --task an
 GROUPS = {  # argparse groups, in the order of the dataclass
     "what to train": "model task data_dir method",
     "adaptation modules": "experts bottleneck lora_rank lora_alpha lora_dropout share expert_init consistency "
-                          "consistency_kind batched_views",
+                          "consistency_kind batched_views differ_routes",
     "optimisation (out of memory? lower batch_size and raise grad_accum)":
         "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed "
         "precision unrouted kshot",
@@ -149,6 +150,7 @@ def adapt(net, cfg):
         mix = adamix.AdaMixConfig(num_experts=experts, r=r, share=cfg.share, lora_alpha=cfg.lora_alpha,
                                   lora_dropout=cfg.lora_dropout, init=cfg.expert_init)
         router = adamix.add_adamix(net, targets, kind, mix, seed=cfg.seed)
+        router.differ = cfg.differ_routes
     if cfg.method == "full":
         net.requires_grad_(True)
     else:
