@@ -283,15 +283,16 @@ class Router:
         raw = torch.randint(0, 2**62, (views, 2), generator=self.generator)
         if not self.differ or sizes.prod() == 1:
             return raw % sizes                                             # (P, 2)
-        routes, last = [], m.last_route[-1] if m.last_route is not None else None
-        for k in raw[:, 0].tolist():  # route code c = down * M_up + up; skip the previous code
-            n = int(sizes.prod())
-            prev = None if last is None else int(last[0]) * int(sizes[1]) + int(last[1])
-            c = k % (n - 1 if prev is not None else n)
-            c += prev is not None and c >= prev
-            last = torch.tensor([c // int(sizes[1]), c % int(sizes[1])])
-            routes.append(last)
-        return torch.stack(routes)
+        # differ: number the routes c = down * M_up + up and draw c uniformly among all but the last one
+        n, m_up = int(sizes.prod()), int(sizes[1])
+        last = None if m.last_route is None else int(m.last_route[-1, 0]) * m_up + int(m.last_route[-1, 1])
+        codes = []
+        for k in raw[:, 0].tolist():
+            c = k % (n if last is None else n - 1)
+            last = c + (last is not None and c >= last)  # skip over the last route's number
+            codes.append(last)
+        codes = torch.tensor(codes)
+        return torch.stack([codes // m_up, codes % m_up], dim=1)          # (P, 2)
 
     def sample(self, views=1):
         """Draw a whole plan (n_mixtures, views, 2), e.g. for router.use; advances the generator."""

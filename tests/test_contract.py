@@ -130,6 +130,8 @@ def test_two_passes_coincide_with_probability_one_over_m_unless_differ():
             assert not torch.equal(first, m.last_route)
             counts[first[0, 0]] += 1
     assert (counts > 60).all()  # still every expert, about 100 each
+    plan = router.sample(views=2)  # and the two halves of a batched step differ too
+    assert all(not torch.equal(plan[i, 0], plan[i, 1]) for i in range(len(plan)))
 
 
 # ---- torch.utils.checkpoint ---------------------------------------------------------------------
