@@ -28,7 +28,8 @@ a GELU in between: merged is one adapter with averaged weights, NOT the mean of 
 
 When a route is drawn (the routing contract):
 - every call of a mixture in training draws a fresh route, whatever module the call entered through
-  (the root model, a submodule called twice, a loop): two passes never silently share a route;
+  (the root model, a submodule called twice, a loop): no pass reuses an earlier pass's route (two
+  independent draws can still coincide by chance, see 3.);
 - inside `with router.use(plan):` every call uses `plan` instead (train.py's batched two views, ensemble);
 - a recompute under torch.utils.checkpoint (either use_reentrant) replays the route of the forward it
   recomputes. The original forward is found by the random state that checkpoint restores before it
