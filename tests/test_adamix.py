@@ -513,7 +513,7 @@ class Stack(nn.Module):
 
 
 @pytest.mark.parametrize("layers, d, r, trained, inference", [
-    (12, 768, 48, 2_223_360, 894_528),     # BERT-base (SPEC section 2)
+    (12, 768, 48, 2_223_360, 894_528),     # BERT-base (the paper's counts)
     (24, 1024, 16, 1_992_192, 811_392),    # RoBERTa-large
 ])
 def test_parameter_counts_match_the_paper_for_adapters(layers, d, r, trained, inference):

@@ -212,7 +212,7 @@ torch.save(adamix.adamix_state_dict(nets[0][0]), os.path.join({str(tmp_path)!r},
 
 
 def test_regression_task_uses_squared_error_consistency(tmp_path, monkeypatch):
-    """STS-B: one output, MSE loss, and the consistency term is the squared difference (SPEC defect 2)."""
+    """STS-B: one output, MSE loss, and the consistency term is the squared difference (a softmax KL of one logit is always zero)."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     (tmp_path / "glue" / "STS-B").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
