@@ -198,25 +198,52 @@ GLUE_TASKS = {
 }
 
 
+def not_utf8(path, raw=None):
+    """The error for a file (or its bytes `raw`) that is not UTF-8, naming the first bad line and byte."""
+    for n, line in enumerate((Path(path).read_bytes() if raw is None else raw).split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return ValueError(f"{path}:{n}: byte {line[e.start]:#04x} at column {e.start + 1} is not UTF-8 "
+                              "(latin-1?): save the file as UTF-8")
+    return ValueError(f"{path}: not UTF-8")
+
+
+def tsv_rows(f, path):
+    """(line number, row) of a tab-separated file; bytes that are not UTF-8 or a line too long for the csv
+    module (csv.field_size_limit) are an error naming the file and line, not a bare decoder or csv error."""
+    rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE text has bare quotes
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+        except csv.Error as e:
+            raise ValueError(f"{path}:{rows.line_num}: {e}: not a GLUE TSV line") from None
+        yield rows.line_num, row
+
+
 def read_glue(path, task):
     """One GLUE TSV file -> [Example]. Every row must have as many columns as the header (CoLA, which
     has none: 4), and a known label or a numeric score."""
     spec, path = GLUE_TASKS[task], Path(path)
     cols, examples = [spec.text_a, spec.text_b, spec.label], []
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE text has bare quotes
+        rows = tsv_rows(f, path)
         if isinstance(spec.label, int):                              # CoLA: no header, columns by index
             width = max(c for c in cols if c is not None) + 1
         else:
-            header = next(rows, [])
+            header = next(rows, (1, []))[1]
             if not header:
                 raise ValueError(f"{path}: no examples (empty file)")
             missing = [c for c in cols if c is not None and c not in header]
             if missing:
                 raise ValueError(f"{path}:1: the header {header} has no column {missing}")
             cols, width = [None if c is None else header.index(c) for c in cols], len(header)
-        for row in rows:
-            where = f"{path}:{rows.line_num}"
+        for line, row in rows:
+            where = f"{path}:{line}"
             if len(row) != width:
                 raise ValueError(f"{where}: expected {width} tab-separated columns, found {len(row)}")
             a, b, y = (None if c is None else row[c] for c in cols)
@@ -267,8 +294,11 @@ def _split_mrpc(tmp):
     """Build MRPC/train.tsv and dev.tsv as the GLUE script does: rows whose (#1 ID, #2 ID) is listed in
     mrpc_dev_ids.tsv go to dev, the others to train; both keep the source file's header."""
     with open(tmp / "mrpc_dev_ids.tsv", encoding="utf-8-sig", newline="") as f:
-        dev_ids = {tuple(row[:2]) for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
-    header, *rows = (tmp / "msr_paraphrase_train.txt").read_text(encoding="utf-8-sig").splitlines()
+        dev_ids = {tuple(row[:2]) for _, row in tsv_rows(f, tmp / "mrpc_dev_ids.tsv")}
+    try:
+        header, *rows = (tmp / "msr_paraphrase_train.txt").read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise not_utf8(tmp / "msr_paraphrase_train.txt") from None
     out = {"train.tsv": [header], "dev.tsv": [header]}
     for row in rows:
         out["dev.tsv" if tuple(row.split("\t")[1:3]) in dev_ids else "train.tsv"].append(row)
@@ -320,7 +350,10 @@ def read_mr(sdist):
     where = f"{sdist}:{MR_ARCHIVE}:{MR_FILE}"
     # one might expect latin-1, but the bytes are valid UTF-8 ("clichés" is b"clich\xc3\xa9s"):
     # latin-1 would turn it into "clichÃ©s". A file that is not UTF-8 fails loudly here.
-    lines = raw.decode("utf-8").replace("\r\n", "\n").split("\n")
+    try:
+        lines = raw.decode("utf-8").replace("\r\n", "\n").split("\n")
+    except UnicodeDecodeError:
+        raise not_utf8(where, raw) from None
     if lines[-1] == "":
         lines.pop()                                # a final line end (the real file has none)
     examples = []
@@ -347,11 +380,15 @@ def read_e2e(path):
     representation in first-seen order. Both sides are stripped (the files end lines with a space)."""
     groups = {}
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = [p.strip() for p in line.split("||")]
-            if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{path}:{n}: expected `meaning representation||reference`, got {line[:80]!r}")
-            groups.setdefault(parts[0], []).append(parts[1])
+        try:
+            lines = list(f)
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+    for n, line in enumerate(lines, 1):
+        parts = [p.strip() for p in line.split("||")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{path}:{n}: expected `meaning representation||reference`, got {line[:80]!r}")
+        groups.setdefault(parts[0], []).append(parts[1])
     if not groups:
         raise ValueError(f"{path}: no examples (empty file)")
     return list(groups.items())
@@ -432,14 +469,18 @@ def encode_examples(examples, tokenizer, max_len=CLASSIFY_MAX_LEN):
     """[Example] -> [{"input_ids", "token_type_ids", "label"}]. Pair tasks are encoded as a pair
     (BERT: [CLS] a [SEP] b [SEP] with token types 0 and 1). Truncation to max_len drops tokens from the
     longer sentence first and leaves room for the [CLS]/[SEP] the post-processor adds: they are never cut."""
-    tok = _plain(tokenizer)
+    tok, pairs = _plain(tokenizer), any(e.text_b is not None for e in examples)
+    need = tok.num_special_tokens_to_add(pairs) + 1 + pairs  # tokenizers ignores a max_len below this, silently
+    if max_len < need:
+        raise ValueError(f"max_len {max_len} leaves no room for text: the tokenizer adds "
+                         f"{need - 1 - pairs} special tokens to each {'pair' if pairs else 'sentence'}; use >= {need}")
     tok.enable_truncation(max_len)
     encs = tok.encode_batch([e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples])
     return [{"input_ids": np.array(x.ids, np.int32), "token_type_ids": np.array(x.type_ids, np.int32),
              "label": e.label} for x, e in zip(encs, examples)]
 
 
-def encode_lm(groups, tokenizer, eos_id, max_len=LM_MAX_LEN):
+def encode_lm(groups, tokenizer, eos_id, max_len=LM_MAX_LEN, where="E2E"):
     """[(mr, [references])] -> one LM example per reference, in the template of the LoRA NLG code (gpt2_encode.py
     with --add_bos --add_eos): input_ids = enc(mr) + [eos] + enc(" " + reference) + [eos] (GPT-2's bos is its
     eos, <|endoftext|>: it separates context from reference). labels = input_ids on the reference and the final
@@ -452,7 +493,7 @@ def encode_lm(groups, tokenizer, eos_id, max_len=LM_MAX_LEN):
     for (mr, _), c, t in zip(pairs, contexts, targets):
         context, target = c.ids + [eos_id], t.ids + [eos_id]
         if len(context) >= max_len:
-            raise ValueError(f"the meaning representation {mr[:60]!r}... fills max_len={max_len} alone")
+            raise ValueError(f"{where}: the meaning representation {mr[:60]!r}... fills max_len {max_len} alone")
         out.append({"input_ids": np.array(context + target, np.int32)[:max_len],
                     "labels": np.array([IGNORE_INDEX] * len(context) + target, np.int32)[:max_len]})
     return out
@@ -556,8 +597,10 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
     task = task.lower().replace("-", "")
     pad_id = special_id(tokenizer, PAD_TOKENS)
     if task == "e2e":
-        texts, eos_id = load_e2e(data_dir or E2E_DIR, split_seed), special_id(tokenizer, EOS_TOKENS)
-        splits = {name: encode_lm(g, tokenizer, eos_id, max_len or LM_MAX_LEN) for name, g in texts.items()}
+        folder, eos_id = Path(data_dir or E2E_DIR), special_id(tokenizer, EOS_TOKENS)
+        texts = load_e2e(folder, split_seed)
+        splits = {name: encode_lm(g, tokenizer, eos_id, max_len or LM_MAX_LEN, f"{folder}, {name} split")
+                  for name, g in texts.items()}
         prompts = {name: encode_prompts(texts[name], tokenizer, eos_id) for name in ("dev", "test")}
         return TaskData(task, splits, e2e_metric, "bleu", 0, pad_id, texts, prompts)
     if task == "mr":

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -185,15 +186,18 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path):
-        raw = json.loads(Path(path).read_text())
+        raw = read_json(path)
         family = raw.get("model_type")
-        if family not in CONFIG_KEYS:
+        if not isinstance(family, str) or family not in CONFIG_KEYS:
             raise ValueError(f"{path}: model_type {family!r} is not supported (supported: {sorted(CONFIG_KEYS)})")
         keys = CONFIG_KEYS[family]
         missing = [keys[f] for f in REQUIRED[family] if raw.get(keys[f]) is None]
         if missing:
             raise ValueError(f"{path}: required field(s) {missing} missing from this {family} config")
         values = {f: raw[k] for f, k in keys.items() if raw.get(k) is not None}
+        for f, v in values.items():
+            if f in FIELD_CHECKS and not FIELD_CHECKS[f][0](v):
+                raise ValueError(f"{path}: {keys[f]} is {v!r}, expected {FIELD_CHECKS[f][1]}")
         config = cls(model_type=family, **{**FAMILY_DEFAULTS[family], **values})
         if config.activation not in ACTIVATIONS:
             raise ValueError(f"{path}: activation {config.activation!r} is not supported ({sorted(ACTIVATIONS)})")
@@ -219,6 +223,28 @@ SIZES = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
 REQUIRED = {"bert": SIZES + ("n_inner",), "roberta": SIZES + ("n_inner", "pad_token_id"), "gpt2": SIZES}
 FAMILY_DEFAULTS = {"bert": {}, "roberta": {},  # GPT2Config's defaults where they differ from BertConfig's
                    "gpt2": dict(type_vocab_size=0, activation="gelu_new", layer_norm_eps=1e-5, pad_token_id=None)}
+_count = (lambda v: type(v) is int and v >= 1, "a positive integer")
+_index = (lambda v: type(v) is int and v >= 0, "an integer >= 0")
+_prob = (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)")
+_scale = (lambda v: type(v) in (int, float) and 0 <= v < math.inf, "a number >= 0")
+FIELD_CHECKS = dict(  # our field -> (test, what config.json must hold): a wrong type is an error naming the key
+    vocab_size=_count, n_positions=_count, n_embd=_count, n_head=_count, n_layer=_count, n_inner=_count,
+    type_vocab_size=_index, activation=(lambda v: isinstance(v, str), "a string"), layer_norm_eps=_scale,
+    dropout=_prob, attn_dropout=_prob, classifier_dropout=_prob, initializer_range=_scale,
+    pad_token_id=_index, eos_token_id=_index)
+
+
+def read_json(path):
+    """A JSON object from a file; invalid JSON, or JSON that is not an object, is an error naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found a {type(raw).__name__}")
+    return raw
+
+
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": functools.partial(F.gelu, approximate="tanh")}  # erf form; tanh form
 
 # -----------------------------------------------------------------------------
@@ -312,6 +338,13 @@ class ClassificationHead(nn.Module):
         return self.out_proj(self.drop(torch.tanh(self.dense(self.drop(x)))))  # (B, C) -> (B, num_labels)
 
 
+def check_ids(ids, n, what, field):
+    """A ValueError for ids outside 0..n-1, instead of an IndexError (CPU) or a device assert (CUDA) in nn.Embedding."""
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist() if ids.numel() else (0, 0)  # one device sync
+    if not 0 <= lo <= hi < n:
+        raise ValueError(f"{what} run from {lo} to {hi}, but the model's {field} is {n}")
+
+
 class Transformer(nn.Module):
     def __init__(self, config, num_labels=None):
         super().__init__()
@@ -334,9 +367,11 @@ class Transformer(nn.Module):
         past = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        first = self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0  # first position id
-        if first + past + T > self.config.n_positions:
-            raise ValueError(f"{past + T} tokens, but the model has positions for {self.config.n_positions - first}")
+        if past + T > self.max_positions:
+            raise ValueError(f"{past + T} tokens, but the model has positions for {self.max_positions}")
+        check_ids(input_ids, self.config.vocab_size, "token ids", "vocab_size")
+        if self.wtt is not None and token_type_ids is not None:
+            check_ids(token_type_ids, self.config.type_vocab_size, "token types", "type_vocab_size")
         if position_ids is None:
             position_ids = self.positions(input_ids, attention_mask, past)  # (B, T)
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T) -> (B, T, C)
@@ -349,6 +384,11 @@ class Transformer(nn.Module):
             if cache is not None:
                 cache[i] = kv
         return self.ln_f(x)
+
+    @property
+    def max_positions(self):
+        """Tokens a sequence may hold: RoBERTa's position ids start after pad_token_id, so 2 fewer than n_positions."""
+        return self.config.n_positions - (self.config.pad_token_id + 1 if self.config.model_type == "roberta" else 0)
 
     def positions(self, input_ids, attention_mask, past):
         B, T = input_ids.shape
@@ -440,7 +480,7 @@ def read_safetensors(path):
 
 
 def _shard_names(index_path):
-    weight_map = json.loads(Path(index_path).read_text()).get("weight_map")
+    weight_map = read_json(index_path).get("weight_map")
     shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
     if not shards or any(not isinstance(s, str) or Path(s).name != s for s in shards):
         raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard file names in this folder")
@@ -455,8 +495,23 @@ def read_checkpoint(folder):
     if (f := folder / "model.safetensors.index.json").exists():  # sharded: several files, one index
         return {k: v for shard in _shard_names(f) for k, v in read_safetensors(folder / shard).items()}, f
     if (f := folder / "pytorch_model.bin").exists():  # a pickle: weights_only never runs its code
-        return torch.load(f, map_location="cpu", weights_only=True), f
+        return torch_load(f), f
     raise FileNotFoundError(f"{folder}: no checkpoint found, expected one of {WEIGHT_FILES}")
+
+def torch_load(path, map_location="cpu"):
+    """A dict saved by torch.save, read with weights_only=True: a pickle's code never runs. Every failure
+    (truncated, not a torch file, objects other than tensors, not a dict) is a ValueError naming the file."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                         "(torch.load weights_only=True: loading it could run code)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what a truncated or foreign file raises
+        raise ValueError(f"{path}: not a readable torch.save file, truncated or of another kind "
+                         f"({type(e).__name__}: {str(e).split('. ')[0][:120]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, expected a dict")
+    return obj
 
 # The name maps: (pattern matched at the start of a checkpoint name, our name for that prefix).
 # Before them, `bert.` / `roberta.` / `transformer.` prefixes are cut and legacy LayerNorm.gamma/beta
@@ -698,11 +753,11 @@ def load_tokenizer(name_or_path, cache_dir=None):
     nor truncates (the caller pads per batch). Checked against config.json when the folder has one."""
     folder = resolve_checkpoint(name_or_path, cache_dir)
     if (folder / "tokenizer.json").exists():
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok = _tokenizer_file(Tokenizer.from_file, folder / "tokenizer.json")
     elif (folder / "vocab.txt").exists():
         tok = _wordpiece(folder)
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tok = Tokenizer(_tokenizer_file(models.BPE.from_file, folder / "vocab.json", folder / "merges.txt"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([t for t in ("<|endoftext|>",) if tok.token_to_id(t) is not None])
@@ -715,11 +770,18 @@ def load_tokenizer(name_or_path, cache_dir=None):
     return tok
 
 
+def _tokenizer_file(load, *paths, **kw):
+    """The tokenizers library raises a bare Exception naming no file: name it."""
+    try:
+        return load(*map(str, paths), **kw)
+    except Exception as e:
+        raise ValueError(f"{' + '.join(map(str, paths))}: not a valid tokenizer file ({e})") from None
+
+
 def _wordpiece(folder):
-    settings = [json.loads((folder / f).read_text()) for f in ("tokenizer_config.json", "config.json")
-                if (folder / f).exists()]
+    settings = [read_json(folder / f) for f in ("tokenizer_config.json", "config.json") if (folder / f).exists()]
     lowercase = next((s["do_lower_case"] for s in settings if "do_lower_case" in s), True)  # BertTokenizer's default
-    tok = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
+    tok = Tokenizer(_tokenizer_file(models.WordPiece.from_file, folder / "vocab.txt", unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()

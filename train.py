@@ -18,8 +18,9 @@ import json
 import math
 import os
 import re
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,57 @@ GROUPS = {  # argparse groups, in the order of the dataclass
 CHOICES = dict(method=["adamix-adapter", "adamix-lora", "adapter", "lora", "head-only", "full"],
                share=["up", "down", "none"], consistency_kind=["kl_sg", "kl", "mse"], device=["auto", "cpu", "cuda"],
                expert_init=["independent", "identical"], precision=["auto", "fp32", "bf16"], unrouted=["skip", "zero"])
+CHECKS = [  # (flags, test, what they must be): every flag's range, checked by check_config before anything loads
+    ("experts bottleneck lora_rank batch_size grad_accum max_len eval_batch_size beam max_new_tokens log_interval",
+     lambda v: v >= 1, ">= 1"),
+    ("epochs max_steps kshot eval_limit stop_after no_repeat_ngram weight_decay warmup grad_clip", lambda v: v >= 0,
+     ">= 0"),
+    ("lr lora_alpha", lambda v: v > 0, "> 0"),
+    ("lora_dropout label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("consistency", lambda v: v >= 0 or v == -1, ">= 0, or -1 for the method's default"),
+    ("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),  # numpy seeds must be >= 0
+    ("model task out_dir", lambda v: v.strip() != "", "a non-empty string"),
+]
+MAY_CHANGE_ON_RESUME = {  # where to write, what to print, how much and how to evaluate; every other flag must match
+    "out_dir", "resume", "stop_after", "log_interval", "device", "eval_batch_size", "eval_limit", "track_experts",
+    "beam", "length_penalty", "no_repeat_ngram", "max_new_tokens"}
+
+
+class UserError(Exception):
+    """A bad flag, file or state: `python train.py` prints the message as one line, no traceback, and exits 1."""
+
+
+def check_config(cfg):
+    """Every flag's type (that of its default; floats finite), choice and range, before anything is loaded."""
+    bad = []
+    for f in dataclasses.fields(cfg):
+        v, kinds = getattr(cfg, f.name), {bool: (bool,), int: (int,), float: (int, float), str: (str,),
+                                          type(None): (str, type(None))}[type(f.default)]
+        if type(v) not in kinds or (type(v) is float and not math.isfinite(v)):
+            bad.append(f"--{f.name} {v!r}: expected {'a finite number' if float in kinds else kinds[0].__name__}")
+    if bad:
+        raise UserError("; ".join(bad))
+    bad = [f"--{n} {getattr(cfg, n)!r}: must be {must}" for names, ok, must in CHECKS for n in names.split()
+           if not ok(getattr(cfg, n))]
+    bad += [f"--{n} {getattr(cfg, n)!r}: choose one of {', '.join(c)}" for n, c in CHOICES.items()
+            if getattr(cfg, n) not in c]
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        bad.append("--epochs 0 and --max_steps 0: nothing to train")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        bad.append("--device cuda: torch sees no CUDA device")
+    if bad:
+        raise UserError("; ".join(bad))
+
+
+@contextmanager
+def user_errors(where=None, kinds=(ValueError, OSError)):
+    """While the user's files are read, these errors are the user's to fix: re-raised as UserError. data.py and
+    model.py name the file and line in their messages; `where` names it for errors that do not."""
+    try:
+        yield
+    except kinds as e:
+        raise UserError(f"{where}: {e}" if where else str(e)) from e
+
 
 
 def parse_args(argv=None):
@@ -341,9 +393,53 @@ def load_small_state(net, state, cfg):
         adamix.load_adamix_state_dict(net, state, head=head_of(net))  # strict: missing or unexpected names are an error
 
 
+def load_checkpoint(path, device, keys, cfg=None, world=1):
+    """ckpt.pt or model.pt, with every key in `keys`. With cfg (--resume): refused unless the flags equal the
+    stored ones, except MAY_CHANGE_ON_RESUME, and the number of ranks is the same (it fixes the data order)."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist" + (": nothing to resume, start without --resume" if cfg else ""))
+    with user_errors():
+        ckpt = modeling.torch_load(path, device)
+    if missing := [k for k in keys.split() if k not in ckpt]:
+        raise UserError(f"{path}: not a checkpoint of this train.py (no {', '.join(missing)})")
+    if cfg is not None:
+        stored, now = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}, dataclasses.asdict(cfg)
+        if differ := [f"--{k} {stored[k]!r} (now {v!r})" for k, v in now.items()
+                      if k not in MAY_CHANGE_ON_RESUME and stored[k] != v]:
+            raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run with its own "
+                            "flags; pass the same ones, or start a new run in another --out_dir")
+        if len(ckpt["rng"]) != world:
+            raise UserError(f"{path} was made by {len(ckpt['rng'])} ranks, not {world}: resume it with as many")
+    return ckpt
+
+
+def check_fits(net, task, cfg):
+    """Every example of the splits this run reads fits the model, so that nothing fails after training: its
+    length within the positions, its token types within type_vocab_size (token ids against vocab_size are
+    checked when the tokenizer loads); for E2E, each test prompt plus --max_new_tokens within the positions."""
+    n, types = net.max_positions, net.config.type_vocab_size
+    if task.kind == "lm" and net.config.model_type != "gpt2":
+        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2), "
+                        f"not {net.config.model_type}")
+    for split in ("train", "dev", "test"):
+        longest = max(len(e["input_ids"]) for e in task.splits[split])
+        if longest > n:
+            raise UserError(f"{split} split: an example of {longest} tokens, but {cfg.model} has {n} positions: "
+                            f"use --max_len {n} or less")
+        top = max((int(e["token_type_ids"].max(initial=0)) for e in task.splits[split] if "token_type_ids" in e),
+                  default=0)
+        if net.wtt is not None and top >= types:
+            raise UserError(f"{split} split: token type {top}, but {cfg.model} has type_vocab_size {types}: "
+                            "a tokenizer of another model family?")
+    if task.kind == "lm" and (longest := max(map(len, task.prompts["test"]))) + cfg.max_new_tokens > n:
+        raise UserError(f"test split: a prompt of {longest} tokens plus --max_new_tokens {cfg.max_new_tokens} "
+                        f"is more than the {n} positions of {cfg.model}; lower --max_new_tokens")
+
+
 # -----------------------------------------------------------------------------
 
 def main(cfg):
+    check_config(cfg)
     if cfg.consistency < 0:
         cfg = dataclasses.replace(cfg, consistency=1.0 if cfg.method.startswith("adamix") else 0.0)
     # --- distributed set-up: torchrun sets RANK; every rank draws the same routes (same router seed)
@@ -358,61 +454,84 @@ def main(cfg):
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     ctx = autocast(cfg.precision, device)
     out_dir = Path(cfg.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if master:  # a folder we cannot write fails now, not at the first checkpoint after an epoch of training
+        with user_errors(f"--out_dir {out_dir}"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (probe := out_dir / f".write-test-{os.getpid()}").write_bytes(b"")
+            probe.unlink()
 
-    # --- data and model (the same seed on every rank, so new heads start identical)
+    # --- data and model (the same seed on every rank, so new heads start identical), all checked before training
     torch.manual_seed(cfg.seed)
-    tokenizer = modeling.load_tokenizer(cfg.model)
-    task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
+    with user_errors():
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
+        net, router = build(cfg, task.num_labels or None)
     task.kind = {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
     train, dev, test = task.splits["train"], task.splits["dev"], task.splits["test"]
-    if cfg.kshot:
-        train = data.k_per_class(train, cfg.kshot, seed=cfg.seed)
-    net, router = build(cfg, task.num_labels or None)
+    if cfg.kshot:  # few-shot: k training examples of every class
+        if task.kind != "classification":
+            raise UserError(f"--kshot {cfg.kshot}: needs a task with classes; {cfg.task} is {task.kind}")
+        with user_errors(f"--kshot {cfg.kshot}"):
+            train = data.k_per_class(train, cfg.kshot, seed=cfg.seed)
+    if not (train and dev and test):
+        raise UserError(f"--task {cfg.task}: {len(train)} train / {len(dev)} dev / {len(test)} test examples after "
+                        "splitting; every split needs at least one")
+    check_fits(net, task, cfg)
     net.to(device)
     optimizer = make_optimizer(net, cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
     counts = adamix.count_parameters(net, head=head_of(net))
     epoch_batches = lambda epoch: data.make_batches(  # the order depends only on (seed, epoch): resumable
         train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, pad_id=task.pad_id, rank=rank, world_size=world)
-    steps_per_epoch = len(epoch_batches(0)) // cfg.grad_accum  # counts batches without collating them
+    # an epoch's last step takes the batches left over when grad_accum does not divide them: every example is used
+    steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.grad_accum)  # counts batches without collating them
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} training examples make no full step of batch_size {cfg.batch_size} "
-                         f"x grad_accum {cfg.grad_accum} x {world} ranks; lower them")
+        raise UserError(f"{len(train)} training examples make no batch on each of {world} ranks with "
+                        f"--batch_size {cfg.batch_size}; lower it")
     if master:
         print(f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable parameters, "
               f"{counts['inference']:,} added at inference; {len(train):,} train / {len(dev):,} dev / "
               f"{len(test):,} test examples; {total_steps} steps on {world} x {device} in {cfg.precision}")
 
-    # --- state that --resume restores
+    # --- state that --resume restores. run_id ties model.pt to this run: the final test never reads another's
     step, best, history, losses = 0, None, [], []  # losses: this epoch's training losses, for the log
+    run_id, saved = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}", None  # saved: last checkpoint's step
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
     if cfg.resume:
-        ckpt = torch.load(out_dir / "ckpt.pt", map_location=device, weights_only=True)
-        load_small_state(net, ckpt["weights"], cfg)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if router is not None:
-            router.load_state_dict(ckpt["router"])
-        torch.set_rng_state(ckpt["rng"][rank].cpu())
+        path = out_dir / "ckpt.pt"
+        ckpt = load_checkpoint(path, device, "run_id config step best history losses weights optimizer rng router",
+                               cfg, world)
+        with user_errors(path, (ValueError, RuntimeError, KeyError)):  # weights that do not fit the model
+            load_small_state(net, ckpt["weights"], cfg)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if router is not None:
+                router.load_state_dict(ckpt["router"])
+            torch.set_rng_state(ckpt["rng"][rank].cpu())
         if cfg.unrouted == "zero":  # gradients are not saved: the experts that had one get their zeros back
             for p in trainable:
                 if p in optimizer.state:
                     p.grad = torch.zeros_like(p)
-        step, best, history, losses = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["losses"]
+        step, best, history, losses, run_id = (ckpt[k] for k in ("step", "best", "history", "losses", "run_id"))
+        saved = step
         if master:
-            print(f"resumed from {out_dir / 'ckpt.pt'} at step {step}")
+            print(f"resumed from {path} at step {step}")
+    if ddp:  # every rank checks model.pt against the same id
+        dist.broadcast_object_list(ids := [run_id])
+        run_id = ids[0]
 
     def checkpoint():
+        nonlocal saved
         rngs = [torch.get_rng_state()]  # dropout's generator, one state per rank
         if ddp:
             rngs = [None] * world
             dist.all_gather_object(rngs, torch.get_rng_state())
         if master:
-            save_atomic(dict(config=dataclasses.asdict(cfg), step=step, best=best, history=history, losses=losses,
-                             weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
-                             router=router.state_dict() if router is not None else None), out_dir / "ckpt.pt")
+            save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run_id, step=step, best=best, history=history,
+                             losses=losses, weights=small_state(net, cfg), optimizer=optimizer.state_dict(),
+                             rng=rngs, router=router.state_dict() if router is not None else None),
+                        out_dir / "ckpt.pt")
+        saved = step
 
     higher_is_better = task.kind != "lm"
     t0 = time.time()
@@ -428,15 +547,17 @@ def main(cfg):
         lr = get_lr(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            batch = {name: t.to(device) for name, t in batches[k * cfg.grad_accum + micro].items()}
+        micro_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]  # fewer at an epoch's end
+        for micro_batch in micro_batches:
+            batch = {name: t.to(device) for name, t in micro_batch.items()}
             with ctx:
                 loss = training_loss(net, router, batch, cfg, task.kind)
             if not torch.isfinite(loss):
-                raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping. The last good checkpoint "
-                                 f"is {out_dir / 'ckpt.pt'} (lower --lr, or check the data)")
-            (loss / cfg.grad_accum).backward()
-            losses.append(loss.item() / cfg.grad_accum)
+                kept = f"{out_dir / 'ckpt.pt'} holds step {saved}" if saved is not None else "no checkpoint yet"
+                raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping ({kept}). Start again with a "
+                                 "lower --lr, or check the data")
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.item())
         if ddp:  # average gradients by hand: the trainable set is small, and unrouted experts have none
             for p in trainable:
                 if p.grad is not None:
@@ -453,8 +574,8 @@ def main(cfg):
             dev_metrics = evaluate(net, router, dev, task, cfg, "merged", ctx, device)
             score = dev_metrics["loss" if task.kind == "lm" else task.main_metric]  # LM: pick by dev loss
             improved = best is None or (score > best if higher_is_better else score < best)
-            history.append(dict(step=step, epoch=step / steps_per_epoch, train_loss=sum(losses) * cfg.grad_accum
-                                / len(losses), dev=dev_metrics, best=improved))
+            history.append(dict(step=step, epoch=step / steps_per_epoch, train_loss=sum(losses) / len(losses),
+                                dev=dev_metrics, best=improved))
             if router is not None:  # how far apart the experts are, and (optional) how each does alone
                 history[-1]["expert_distance"] = adamix.expert_distance(net)
                 if cfg.track_experts:
@@ -463,7 +584,7 @@ def main(cfg):
             if improved:
                 best = score
                 if master:
-                    save_atomic(dict(config=dataclasses.asdict(cfg), step=step, dev=dev_metrics,
+                    save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run_id, step=step, dev=dev_metrics,
                                      weights=small_state(net, cfg)), out_dir / "model.pt")
             if master:
                 print(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
@@ -476,12 +597,16 @@ def main(cfg):
             if ddp:
                 dist.destroy_process_group()
             return None
-    wall = time.time() - t0
+    wall = max(time.time() - t0, 1e-9)
 
     # --- test the best epoch (chosen on dev) with every way of combining the experts
     if ddp:
         dist.barrier()
-    load_small_state(net, torch.load(out_dir / "model.pt", map_location=device, weights_only=True)["weights"], cfg)
+    chosen = load_checkpoint(out_dir / "model.pt", device, "run_id config step dev weights")
+    if chosen["run_id"] != run_id:
+        raise UserError(f"{out_dir / 'model.pt'} was written by run {chosen['run_id']}, not this run ({run_id}): "
+                        "another run shares --out_dir? Not reporting a model this run did not train")
+    load_small_state(net, chosen["weights"], cfg)
     modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
     if task.kind == "lm":  # an ensemble would average logits inside beam search: not done here
         modes = modes[:3]
@@ -489,9 +614,9 @@ def main(cfg):
     for mode in modes:
         test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
                       else decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device))
-    results = dict(config=dataclasses.asdict(cfg), parameters=counts, history=history, test=test_metrics,
-                   wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world, device=device,
-                   precision=cfg.precision, train_examples=len(train))
+    results = dict(config=dataclasses.asdict(cfg), run_id=run_id, parameters=counts, history=history,
+                   test=test_metrics, wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world,
+                   device=device, precision=cfg.precision, train_examples=len(train))
     if master:
         print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples"
               + (f", at most {cfg.eval_limit} of them evaluated):" if cfg.eval_limit else "):"))
@@ -515,4 +640,7 @@ def save_atomic_json(obj, path):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UserError as e:  # a bad flag, file or state: one line; anything else is a bug and shows its traceback
+        sys.exit(f"error: {e}")
