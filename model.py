@@ -506,7 +506,9 @@ def torch_load(path, map_location="cpu"):
     except pickle.UnpicklingError:
         raise ValueError(f"{path}: refused, it holds objects other than tensors and plain containers "
                          "(torch.load weights_only=True: loading it could run code)") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what a truncated or foreign file raises
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # what a truncated or foreign file raises
         raise ValueError(f"{path}: not a readable torch.save file, truncated or of another kind "
                          f"({type(e).__name__}: {str(e).split('. ')[0][:120]})") from None
     if not isinstance(obj, dict):

@@ -237,7 +237,8 @@ def fake_sdist(path, text):
             info.size = len(payload)
             t.addfile(info, io.BytesIO(payload))
         return buf.getvalue()
-    path.write_bytes(tar_gz(data.MR_ARCHIVE, tar_gz(data.MR_FILE, text.encode("utf-8"))))
+    payload = text if isinstance(text, bytes) else text.encode("utf-8")
+    path.write_bytes(tar_gz(data.MR_ARCHIVE, tar_gz(data.MR_FILE, payload)))
     return path
 
 
