@@ -84,7 +84,7 @@ def test_every_number_flag_has_a_range_check():
     fields = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
     checked = {name for names, _, _ in train.CHECKS for name in names.split()}
     assert checked <= set(fields)
-    any_number = {"length_penalty"}  # below 0 favours short texts, above 0 long ones: every finite value means something
+    any_number = {"length_penalty"}  # below 0 favours short texts, above 0 long ones: any finite value
     assert {n for n, d in fields.items() if type(d) in (int, float)} - checked - any_number == set()
     assert set(train.CHOICES) <= set(fields) and train.MAY_CHANGE_ON_RESUME <= set(fields)
 
@@ -291,8 +291,8 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint_and_names_them(tin
     out = shutil.copytree(stopped, tmp_path / "out")
     with pytest.raises(train.UserError) as err:
         train.main(cfg(tiny, out, epochs=2, resume=True, batch_size=8, lr=0.5, seed=3))
-    assert re.fullmatch(rf"{re.escape(str(out / 'ckpt.pt'))} was made with --lr 0.01 \(now 0.5\), --batch_size 16 "
-                        r"\(now 8\), --seed 0 \(now 3\): --resume continues a run with its own flags; .*", str(err.value))
+    assert str(err.value).startswith(f"{out / 'ckpt.pt'} was made with --lr 0.01 (now 0.5), --batch_size 16 (now 8), "
+                                     "--seed 0 (now 3): --resume continues a run with its own flags; ")
     stored = train.TrainConfig(**torch.load(out / "ckpt.pt", weights_only=True)["config"])
     allowed = dict(out_dir="elsewhere", log_interval=1, eval_limit=5, eval_batch_size=3, stop_after=9, beam=2)
     keys = "step"
@@ -374,7 +374,7 @@ def run_forked(config, kill_after=None):
 
 def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # it would warn about the fork
-    kw = dict(epochs=3, batch_size=8, log_interval=1)  # 11 steps an epoch, a checkpoint after each epoch
+    kw = dict(epochs=3, batch_size=16, log_interval=1)  # 6 steps an epoch, a checkpoint after each
     _, seconds = run_forked(cfg(tiny, tmp_path / "straight", **kw))  # training and test, after loading
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     total = straight["history"][-1]["step"]
