@@ -595,6 +595,8 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
     defaults to CLASSIFY_MAX_LEN, or LM_MAX_LEN for E2E. For all tasks "dev" chooses the epoch and
     "test" is the reported number (for GLUE, the GLUE dev set: see `load_glue`)."""
     task = task.lower().replace("-", "")
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ValueError(f"{data_dir} is a file, not a folder of data files")
     pad_id = special_id(tokenizer, PAD_TOKENS)
     if task == "e2e":
         folder, eos_id = Path(data_dir or E2E_DIR), special_id(tokenizer, EOS_TOKENS)

@@ -400,6 +400,8 @@ def load_checkpoint(path, device, keys, cfg=None, world=1):
         raise UserError(f"{path} does not exist" + (": nothing to resume, start without --resume" if cfg else ""))
     with user_errors():
         ckpt = modeling.torch_load(path, device)
+    if "weights" in ckpt:
+        ckpt.setdefault("run_id", "before run ids")  # written by an older train.py: still resumable
     if missing := [k for k in keys.split() if k not in ckpt]:
         raise UserError(f"{path}: not a checkpoint of this train.py (no {', '.join(missing)})")
     if cfg is not None:

@@ -185,6 +185,9 @@ def test_empty_splits_are_refused_with_their_sizes(tiny, tmp_path):
     with pytest.raises(train.UserError, match=r"--task sst2: \d train / \d dev / 4 test examples after splitting; "
                                               "every split needs at least one"):
         train.main(cfg((tiny[0], glue), tmp_path / "out"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(train.UserError, match=re.escape(f"{tmp_path / 'file'} is a file, not a folder of data")):
+        train.main(cfg((tiny[0], tmp_path / "file"), tmp_path / "out"))
 
 
 def test_an_out_dir_that_cannot_be_written_is_refused_at_the_start(tiny, tmp_path):
@@ -303,6 +306,10 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint_and_names_them(tin
         train.load_checkpoint(out / "ckpt.pt", "cpu", keys, stored, world=2)
     with pytest.raises(train.UserError, match="does not exist: nothing to resume, start without --resume"):
         train.main(cfg(tiny, tmp_path / "empty", resume=True))
+    legacy = torch.load(out / "ckpt.pt", weights_only=True)  # from a train.py before run ids: still resumable
+    del legacy["run_id"]
+    torch.save(legacy, out / "ckpt.pt")
+    assert train.load_checkpoint(out / "ckpt.pt", "cpu", "run_id weights", stored)["run_id"] == "before run ids"
 
 
 def test_a_run_never_reports_a_model_pt_it_did_not_write(tiny, tmp_path):
