@@ -129,14 +129,11 @@ class UserError(Exception):
 
 def check_config(cfg):
     """Every flag's type (that of its default; floats finite), choice and range, before anything is loaded."""
-    bad = []
-    for f in dataclasses.fields(cfg):
-        v, kinds = getattr(cfg, f.name), {bool: (bool,), int: (int,), float: (int, float), str: (str,),
-                                          type(None): (str, type(None))}[type(f.default)]
-        if type(v) not in kinds or (type(v) is float and not math.isfinite(v)):
-            bad.append(f"--{f.name} {v!r}: expected {'a finite number' if float in kinds else kinds[0].__name__}")
-    if bad:
-        raise UserError("; ".join(bad))
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (str, type(None))}
+    for f in dataclasses.fields(cfg):  # argparse gives the right types; a caller of main() may not
+        v, ok = getattr(cfg, f.name), kinds[type(f.default)]
+        if type(v) not in ok or (type(v) is float and not math.isfinite(v)):
+            raise UserError(f"--{f.name} {v!r}: expected {'a finite number' if float in ok else ok[0].__name__}")
     bad = [f"--{n} {getattr(cfg, n)!r}: must be {must}" for names, ok, must in CHECKS for n in names.split()
            if not ok(getattr(cfg, n))]
     bad += [f"--{n} {getattr(cfg, n)!r}: choose one of {', '.join(c)}" for n, c in CHOICES.items()
