@@ -252,10 +252,10 @@ def _llama_rope(raw, path):
     """Refuse what would change Llama's math without a switch here: RoPE scaling (long-context variants),
     sliding-window attention, biases, a head size other than C // nh. Newer config.json files (transformers
     v5) keep rope_theta inside rope_parameters: it is moved up to where older files have it."""
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{path}: rope type {rope.get('rope_type', rope.get('type'))!r} (RoPE scaling) is not supported")
-    raw = {**raw, "rope_theta": raw.get("rope_theta", rope.get("rope_theta"))}
+    for rope in (raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}):
+        if (kind := rope.get("rope_type", rope.get("type", "default"))) != "default":
+            raise ValueError(f"{path}: rope type {kind!r} (RoPE scaling) is not supported")
+    raw = {**raw, "rope_theta": raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta"))}
     unsupported = {"sliding_window": None, "attention_bias": False, "mlp_bias": False,
                    "head_dim": raw["hidden_size"] // raw["num_attention_heads"] if raw.get("hidden_size")
                    and raw.get("num_attention_heads") else None}

@@ -17,7 +17,10 @@ import model
 from conftest import FIXTURES, SHARED
 from test_safetensors import write_safetensors
 
-CHECKPOINTS = ["tiny-bert", "tiny-bert-legacy", "tiny-roberta", "tiny-gpt2", "tiny-gpt2-legacy"]
+CHECKPOINTS = ["tiny-bert", "tiny-bert-legacy", "tiny-roberta", "tiny-gpt2", "tiny-gpt2-legacy", "tiny-llama",
+               "tiny-llama-gguf"]
+DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-llama-gguf"]
+LLAMA_ATOL = 1e-4  # the bound for the Llama fixtures (RoPE and RMSNorm add rounding; measured ~4e-6)
 ATOL = 1e-5  # fp32 agreement with Hugging Face (fixtures README)
 MINILM_ATOL = 1e-4  # the bound for the real checkpoint
 BF16_ATOL, BF16_RTOL = 5e-2, 2e-2  # bf16 keeps 8 mantissa bits: ~0.4 % per rounding, over 2 layers
@@ -57,21 +60,24 @@ def copy_fixture(name, dest):
 def test_matches_hugging_face(name):
     m, e = load(name), expected(name)
     hidden, valid = hidden_states(m, e), e["attention_mask"].bool()
-    close(hidden[valid], e["last_hidden_state"][valid])
-    if m.config.model_type == "gpt2":
-        close(m.lm_logits(hidden)[valid], e["logits"][valid])
+    atol = LLAMA_ATOL if m.config.llama else ATOL
+    close(hidden[valid], e["last_hidden_state"][valid], atol=atol)
+    if m.config.decoder:
+        close(m.lm_logits(hidden)[valid], e["logits"][valid], atol=atol)
     elif "logits" in e:
         close(m.classify(hidden, e["attention_mask"]), e["logits"])
     else:
         assert m.head is None  # the legacy checkpoint has no classifier: a backbone
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gpt2-legacy"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gpt2-legacy", "tiny-llama", "tiny-llama-gguf"])
 def test_greedy_continuation(name):
-    e = expected(name)
+    e, m = expected(name), load(name)
     new = e["greedy_output"].shape[1] - e["greedy_prompt"].shape[1]
-    out = model.generate(load(name), e["greedy_prompt"], max_new_tokens=new, eos_token_id=GPT2_EOS)
-    assert out.tolist() == e["greedy_output"].tolist()
+    eos = GPT2_EOS if m.config.model_type == "gpt2" else None  # the Llama fixtures ran without stopping
+    for use_cache in [True, False]:
+        out = model.generate(m, e["greedy_prompt"], max_new_tokens=new, eos_token_id=eos, use_cache=use_cache)
+        assert out.tolist() == e["greedy_output"].tolist()
 
 
 def test_legacy_layouts_load_the_same_weights():
@@ -81,11 +87,12 @@ def test_legacy_layouts_load_the_same_weights():
 
 
 def test_every_family_has_the_named_linear_layers():
-    for name in ["tiny-bert", "tiny-roberta", "tiny-gpt2"]:
+    for name in ["tiny-bert", "tiny-roberta", "tiny-gpt2", "tiny-llama"]:
         m = load(name)
         for i in range(m.config.n_layer):
             for layer in ["attn.query", "attn.key", "attn.value", "attn.out", "mlp.fc_in", "mlp.fc_out"]:
                 assert type(m.get_submodule(f"blocks.{i}.{layer}")) is torch.nn.Linear
+    assert type(m.get_submodule("blocks.0.mlp.fc_gate")) is torch.nn.Linear  # Llama's SwiGLU gate
 
 
 class Shifted(torch.nn.Module):
@@ -99,7 +106,7 @@ class Shifted(torch.nn.Module):
         return self.base(x) + 1.0
 
 
-@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
 def test_layers_are_called_as_modules(name):
     m, e = model.from_pretrained(FIXTURES / name), expected(name)
     before = hidden_states(m, e)
@@ -194,8 +201,9 @@ def test_beam_search_matches_a_plain_beam_search():
 
 @pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=4, length_penalty=0.8, no_repeat_ngram_size=2),
                                 dict(num_beams=3, eos_token_id=GPT2_EOS)])
-def test_cached_equals_uncached(kw):
-    m, prompts = load("tiny-gpt2"), torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("name", DECODERS)
+def test_cached_equals_uncached(kw, name):
+    m, prompts = load(name), torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(2))
     assert torch.equal(model.generate(m, prompts, 12, **kw), model.generate(m, prompts, 12, use_cache=False, **kw))
 
 
@@ -220,8 +228,9 @@ def test_eos_stops_and_pads_with_eos():
     assert out.shape[0] == 2
 
 
-def test_left_padded_batch_equals_one_prompt_at_a_time():
-    m = load("tiny-gpt2")
+@pytest.mark.parametrize("name", DECODERS)
+def test_left_padded_batch_equals_one_prompt_at_a_time(name):
+    m = load(name)
     prompts = [[11, 12, 13, 14, 15], [21, 22], [31, 32, 33]]
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
