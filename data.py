@@ -42,7 +42,12 @@ BLEU_MAX_N = 4           # BLEU-4 (Papineni et al., 2002)
 ROUGE_BETA = 1.2         # ROUGE-L recall weight of pycocoevalcap, which the E2E challenge scripts use
 HASH_BYTES = 8           # bytes of sha256 turned into a number in [0, 1) by the split rule
 DATA_URL = "https://dl.fbaipublicfiles.com"  # override: base_url= or env ADAMIX_DATA_URL (tests, mirrors)
-E2E_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "e2e"
+# E2E NLG (Novikova et al., 2017; CC BY-SA 4.0) in the one-line `mr||reference` format of the LoRA NLG code,
+# from that repository; override: base_url= or env ADAMIX_E2E_URL. Only the two files this project trains
+# and tests on without the 42k-line train.txt (see load_e2e); their sha256 are pinned.
+E2E_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e"
+E2E_FILES = {"valid.txt": "ba963113c8401d3d26216c0dc0a6dae1ea6ea927de3bf830e32c41f65401c80d",
+             "test.txt": "81b1bcd40c4f12845ec4eb61a77bf43765d112483cd9b2f91ef10bfc1b3d8f13"}
 
 
 class Example(NamedTuple):
@@ -394,10 +399,25 @@ def read_e2e(path):
     return list(groups.items())
 
 
-def load_e2e(folder=E2E_DIR, split_seed=SPLIT_SEED):
+def download_e2e(cache_dir=None, base_url=None):
+    """valid.txt and test.txt fetched into <cache>/e2e (each checked against its pinned sha256; a cached
+    copy is reused), or a FileNotFoundError that says how to work offline."""
+    base = (base_url or os.environ.get("ADAMIX_E2E_URL") or E2E_URL).rstrip("/")
+    folder = Path(cache_dir or CACHE_DIR) / "e2e"
+    for name, sha256 in E2E_FILES.items():
+        try:
+            download_url(f"{base}/{name}", folder / name, sha256)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}\nOffline: pass --data_dir (data_dir=) a folder holding valid.txt and test.txt "
+                                    "in the one-line `meaning representation||reference` format") from e
+    return folder
+
+
+def load_e2e(folder, split_seed=SPLIT_SEED):
     """-> {"train", "dev", "test"} lists of (mr, [references]); test.txt is the official test set. With
-    train.txt (the full release), dev is valid.txt. Without it, as ../shared/data/README.md suggests, dev is
-    a held-out E2E_DEV_FRACTION of valid.txt's meaning representations and train the rest (no mr in both)."""
+    train.txt (the full release), dev is valid.txt. Without it (the 42k-line train.txt is not downloaded),
+    dev is a held-out E2E_DEV_FRACTION of valid.txt's meaning representations and train the rest (no mr in
+    both): a small, honest setting for a CPU, not the paper's."""
     folder = Path(folder)
     if not (folder / "test.txt").exists():
         raise FileNotFoundError(f"{folder / 'test.txt'} not found: pass data_dir= the folder of the E2E "
@@ -590,7 +610,7 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
               cache_dir=None):
     """task: "mr" (built-in default), "e2e", or a GLUE task (mnli, qnli, sst2, qqp, mrpc, cola, rte,
     stsb). data_dir: the GLUE root holding the task folders (default: <cache>/glue, downloaded there when
-    missing); the folder of E2E's {train,valid,test}.txt (default: ../shared/data/e2e); for mr, an
+    missing); the folder of E2E's {train,valid,test}.txt (default: valid and test downloaded to <cache>/e2e); for mr, an
     optional folder holding the vaderSentiment sdist (default: fetched by pip into the cache). max_len
     defaults to CLASSIFY_MAX_LEN, or LM_MAX_LEN for E2E. For all tasks "dev" chooses the epoch and
     "test" is the reported number (for GLUE, the GLUE dev set: see `load_glue`)."""
@@ -599,7 +619,7 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
         raise ValueError(f"{data_dir} is a file, not a folder of data files")
     pad_id = special_id(tokenizer, PAD_TOKENS)
     if task == "e2e":
-        folder, eos_id = Path(data_dir or E2E_DIR), special_id(tokenizer, EOS_TOKENS)
+        folder, eos_id = Path(data_dir or download_e2e(cache_dir, base_url)), special_id(tokenizer, EOS_TOKENS)
         texts = load_e2e(folder, split_seed)
         splits = {name: encode_lm(g, tokenizer, eos_id, max_len or LM_MAX_LEN, f"{folder}, {name} split")
                   for name, g in texts.items()}

@@ -17,6 +17,7 @@ from tokenizers.processors import TemplateProcessing
 
 from conftest import SHARED
 import data
+import model
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"]
 WORDS = "a b c d e good bad film name : Aromi | eatType pub is the".split()
@@ -286,9 +287,35 @@ def test_e2e_shared_files(tok):
     for name, lines, mrs in [("valid.txt", 4672, 547), ("test.txt", 4693, 630)]:
         groups = data.read_e2e(SHARED / "data" / "e2e" / name)
         assert (sum(len(r) for _, r in groups), len(groups)) == (lines, mrs)
-    task = data.load_task("e2e", tok)
+        assert model.sha256_of(SHARED / "data" / "e2e" / name) == data.E2E_FILES[name]  # the pinned hashes
+    task = data.load_task("e2e", tok, data_dir=SHARED / "data" / "e2e")
     assert len(task.texts["train"]) + len(task.texts["dev"]) == 547 and len(task.prompts["test"]) == 630
     assert not {mr for mr, _ in task.texts["train"]} & {mr for mr, _ in task.texts["dev"]}
+
+
+def test_e2e_download_from_a_local_server(tok, tmp_path, server, monkeypatch):
+    """No data_dir: valid.txt and test.txt come from E2E_URL (here a local http.server) into <cache>/e2e,
+    each checked against its pinned sha256; then the cached copies are used without the network."""
+    www, url = server
+    (www / "valid.txt").write_text("".join(f"name : {w}||{w} is a pub . \n" for w in "abcdefghij"))
+    (www / "test.txt").write_text("name : Aromi||Aromi is a pub . \nname : Aromi||a pub \n")
+    monkeypatch.setattr(data, "E2E_FILES", {f: model.sha256_of(www / f) for f in ("valid.txt", "test.txt")})
+    task = data.load_task("e2e", tok, base_url=url, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache" / "e2e").iterdir()) == ["test.txt", "valid.txt"]
+    assert task.texts["test"] == [("name : Aromi", ["Aromi is a pub .", "a pub"])]
+    assert len(task.texts["train"]) + len(task.texts["dev"]) == 10
+    again = data.load_task("e2e", tok, base_url="http://127.0.0.1:9", cache_dir=tmp_path / "cache")  # offline
+    assert again.texts == task.texts
+    (www / "test.txt").write_text("name : X||changed upstream \n")  # a file that is not the pinned one
+    with pytest.raises(ValueError, match="test.txt: sha256 does not match the expected"):
+        data.load_task("e2e", tok, base_url=url, cache_dir=tmp_path / "other")
+    assert not (tmp_path / "other" / "e2e" / "test.txt").exists()  # never kept
+
+
+def test_e2e_offline_says_what_to_do(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"could not download http://127.0.0.1:9/valid.txt.*\n"
+                                                r"Offline: pass --data_dir"):
+        data.load_task("e2e", tok, base_url="http://127.0.0.1:9", cache_dir=tmp_path)
 
 
 def test_lm_template_labels_and_prompts(tok):
