@@ -1019,8 +1019,12 @@ def generate(model, input_ids, max_new_tokens, num_beams=1, length_penalty=1.0, 
     lengths = torch.zeros(B, K, device=ids.device)  # new tokens up to and including EOS
     cache = [None] * len(model.blocks) if use_cache else None
     new = ids  # the tokens the cache has not seen yet
-    for _ in range(max_new_tokens):
-        hidden = model(new, attention_mask=mask, cache=cache) if use_cache else model(ids, attention_mask=mask)
+    for step in range(max_new_tokens):
+        if use_cache and step == 0:  # the K copies of a prompt are identical: run each prompt once, copy its cache
+            hidden = model(input_ids, attention_mask=attention_mask, cache=cache).repeat_interleave(K, dim=0)
+            cache[:] = [(k.repeat_interleave(K, dim=0), v.repeat_interleave(K, dim=0)) for k, v in cache]
+        else:
+            hidden = model(new, attention_mask=mask, cache=cache) if use_cache else model(ids, attention_mask=mask)
         logp = F.log_softmax(model.lm_logits(hidden[:, -1]).float(), dim=-1)  # (B*K, C) -> (B*K, V)
         if no_repeat_ngram_size > 0:
             _ban_repeated_ngrams(logp, ids, mask, no_repeat_ngram_size)

@@ -76,6 +76,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     eval_limit: int = 0               # evaluate on at most this many examples per split (0: all), for quick looks
     track_experts: bool = False       # AdaMix: after every epoch also evaluate dev with a random expert and with each expert alone
+    test_modes: str = ""              # comma-separated inference modes to test (default: all that apply); E2E on a CPU: merged
     log_interval: int = 20
     out_dir: str = "out"
     resume: bool = False              # continue from out_dir/ckpt.pt
@@ -100,7 +101,7 @@ GROUPS = {  # argparse groups, in the order of the dataclass
         "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed "
         "precision unrouted kshot",
     "evaluation and output": "eval_batch_size beam length_penalty no_repeat_ngram max_new_tokens eval_limit "
-                             "track_experts log_interval out_dir resume stop_after device",
+                             "track_experts test_modes log_interval out_dir resume stop_after device",
 }
 
 
@@ -610,6 +611,8 @@ def main(cfg):
     modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
     if task.kind == "lm":  # an ensemble would average logits inside beam search: not done here
         modes = modes[:3]
+    if cfg.test_modes:
+        modes = [m for m in cfg.test_modes.split(",") if m in modes] or modes[:1]
     test_metrics = {}
     for mode in modes:
         test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
