@@ -12,7 +12,7 @@ import bench
 def test_bench_reports_every_configuration(tmp_path):
     shutil.copytree(FIXTURES / "tiny-bert-legacy", tmp_path / "ckpt")
     args = SimpleNamespace(model=str(tmp_path / "ckpt"), batch_size=2, seq_len=8, experts=2, bottleneck=4, lora_rank=2,
-                           rounds=1, repeats=1, device="cpu", precisions="fp32,bf16")
+                           rounds=1, repeats=1, device="cpu", precisions="fp32,bf16", new_tokens=2)
     r = bench.bench(args)
     assert set(r["training"]) == set(bench.TRAINING) and set(r["inference"]) == set(bench.INFERENCE)
     assert all(set(by) == {"fp32", "bf16"} for part in ("training", "inference") for by in r[part].values())
@@ -42,3 +42,14 @@ def test_results_table_mean_and_sample_std(tmp_path):
     assert "| adamix-adapter | 0, 1, 2 | 1,234 | 80.00 ± 10.00 |" in table
     with pytest.raises(FileNotFoundError, match="no \\*/metrics.json"):
         bench.results_table(tmp_path / "empty")
+
+
+def test_bench_of_a_decoder_times_decoding(tmp_path):
+    args = SimpleNamespace(model=str(FIXTURES / "tiny-llama"), batch_size=2, seq_len=8, experts=2, bottleneck=4,
+                           lora_rank=2, rounds=1, repeats=1, device="cpu", new_tokens=3, precisions="fp32")
+    r = bench.bench(args)
+    assert "head only" not in r["training"] and set(r["training"]) == set(bench.TRAINING) - {"head only"}
+    assert r["training"]["AdaMix LoRA, 2 passes"]["flops_per_step"] > r["training"]["LoRA"]["flops_per_step"]
+    rows = {(d["model"], d["cache"]) for d in r["decoding"]}
+    assert rows == {(n, c) for n in bench.DECODING for c in (True, False)}
+    assert r["inference"]["AdaMix LoRA, folded"]["added_params"] == 0
