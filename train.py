@@ -118,10 +118,12 @@ CHECKS = [  # (flags, test, what they must be): every flag's range, checked by c
     ("consistency", lambda v: v >= 0 or v == -1, ">= 0, or -1 for the method's default"),
     ("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),  # numpy seeds must be >= 0
     ("model task out_dir", lambda v: v.strip() != "", "a non-empty string"),
+    ("test_modes", lambda v: v == "" or all(re.fullmatch(r"merged|random|ensemble|expert:\d+", m) for m in v.split(",")),
+     "empty, or comma-separated merged, random, ensemble, expert:<k>"),
 ]
 MAY_CHANGE_ON_RESUME = {  # where to write, what to print, how much and how to evaluate; every other flag must match
     "out_dir", "resume", "stop_after", "log_interval", "device", "eval_batch_size", "eval_limit", "track_experts",
-    "beam", "length_penalty", "no_repeat_ngram", "max_new_tokens"}
+    "beam", "length_penalty", "no_repeat_ngram", "max_new_tokens", "test_modes"}
 
 
 class UserError(Exception):
@@ -612,7 +614,7 @@ def main(cfg):
     if task.kind == "lm":  # an ensemble would average logits inside beam search: not done here
         modes = modes[:3]
     if cfg.test_modes:
-        modes = [m for m in cfg.test_modes.split(",") if m in modes] or modes[:1]
+        modes = [m for m in cfg.test_modes.split(",") if m in modes or m.startswith("expert:") and router]
     test_metrics = {}
     for mode in modes:
         test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
