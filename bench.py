@@ -4,12 +4,16 @@ bench.py: what AdaMix costs, measured in one run on this machine and reported as
     python bench.py                          # all-MiniLM-L6-v2, batch 32 x 64 tokens, CUDA if present
     python bench.py --batch_size 16 --seq_len 128 --precisions fp32   # writes out/bench.json
     python bench.py --results runs/mr        # the results table of the README, from train.py's metrics.json
+    python bench.py --model smollm2 --batch_size 4 --seq_len 64 --rounds 2 --repeats 1 --precisions fp32  # a decoder
 
 Training: one optimiser step (forward passes, loss, backward, AdamW, zero_grad) of AdaMix against a
 single adapter, LoRA and the head alone. The paper's claim: a step costs what its two forward passes
 cost (two views for the consistency loss), not M times more, because each pass routes through one
 expert. Inference: the merged model against a single adapter (AdaMix-adapter) and against the plain
 pretrained model (AdaMix-LoRA folded into the frozen weights): the claim is equal cost.
+A decoder (GPT-2, Llama) is timed as a language model (the loss on every next token; no task head, so
+no "head only" row) and, in a third table, decoding: greedy new tokens per second with and without the
+key/value cache, for the pretrained model, LoRA, merged AdaMix-LoRA and AdaMix-LoRA folded into the weights.
 Every configuration is timed in interleaved rounds and the median is kept, so that a slow moment of
 the machine hits all of them alike; absolute times vary between machines, the ratios much less.
 """
@@ -39,6 +43,7 @@ TRAINING = {  # name: train.py flags; the two views of AdaMix are the consistenc
     "AdaMix adapter, batched 2B": dict(method="adamix-adapter", batched_views=True),
     "AdaMix LoRA, 2 passes": dict(method="adamix-lora"),
 }
+DECODING = ["pretrained model", "LoRA", "AdaMix LoRA, merged", "AdaMix LoRA, folded"]  # decoders: INFERENCE rows
 INFERENCE = {  # name: (train.py flags, what to do to the trained modules before serving)
     "pretrained model": (dict(method="head-only"), None),
     "adapter": (dict(method="adapter"), None),
@@ -97,18 +102,27 @@ def matmul_flops_per_s(n, c, device, dtype):
 def bench(args):
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     precisions = args.precisions.split(",")  # each row is timed in every precision, in the same rounds
-    base = modeling.from_pretrained(args.model, num_labels=2)
+    base = modeling.from_pretrained(args.model)
+    decoder = base.config.decoder  # a language model: next-token loss, and decoding speed
+    if not decoder:
+        base = modeling.from_pretrained(args.model, num_labels=2)
+    kind = "lm" if decoder else "classification"
     B, T, V = args.batch_size, args.seq_len, base.config.vocab_size
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(V // 2, V, (B, T), generator=g),  # ordinary tokens, no special ones
-             "attention_mask": torch.ones(B, T, dtype=torch.long), "token_type_ids": torch.zeros(B, T, dtype=torch.long),
-             "labels": torch.randint(2, (B,), generator=g)}
+             "attention_mask": torch.ones(B, T, dtype=torch.long)}
+    if decoder:
+        batch["labels"] = batch["input_ids"].clone()  # every next token is a target
+    else:
+        batch.update(token_type_ids=torch.zeros(B, T, dtype=torch.long), labels=torch.randint(2, (B,), generator=g))
     batch = {k: v.to(device) for k, v in batch.items()}
     common = dict(experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank)
 
     # --- training steps, keyed (name, precision)
     jobs, flops, memory, trainable = {}, {}, {}, {}
     for (name, flags), precision in itertools.product(TRAINING.items(), precisions):
+        if decoder and flags["method"] == "head-only":  # a language model has no task head to train alone
+            continue
         cfg = train.TrainConfig(**common, **flags)
         cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
         net, router = train.adapt(copy.deepcopy(base), cfg)
@@ -117,7 +131,7 @@ def bench(args):
 
         def step(net=net, router=router, cfg=cfg, opt=opt, precision=precision):
             with train.autocast(precision, device):
-                loss = train.training_loss(net, router, batch, cfg, "classification")
+                loss = train.training_loss(net, router, batch, cfg, kind)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -127,7 +141,7 @@ def bench(args):
         flops[name, precision] = counter.get_total_flops()
         with train.autocast(precision, device):
             memory[name, precision] = saved_activation_bytes(
-                lambda: train.training_loss(net, router, batch, cfg, "classification"))
+                lambda: train.training_loss(net, router, batch, cfg, kind))
         trainable[name] = adamix.count_parameters(net)["trainable"]
         opt.zero_grad(set_to_none=True)
     step_s = interleaved(jobs, args.rounds, args.repeats, device)
@@ -135,7 +149,7 @@ def bench(args):
     peak = {p: matmul_flops_per_s(B * T, base.config.n_embd, device, dtypes[p]) for p in precisions}
 
     # --- inference (eval mode: merged experts unless folded or collapsed)
-    jobs, added = {}, {}
+    jobs, added, nets = {}, {}, {}
     for (name, (flags, prepare)), precision in itertools.product(INFERENCE.items(), precisions):
         net, _ = train.adapt(copy.deepcopy(base), train.TrainConfig(**common, **flags))
         for p in net.parameters():  # trained-looking experts: the zero-initialised sides would make folding trivial
@@ -149,8 +163,18 @@ def bench(args):
         def infer(net=net, precision=precision):
             with torch.no_grad(), train.autocast(precision, device):
                 return train.predict(net, batch)
-        jobs[name, precision] = infer
+        jobs[name, precision], nets[name, precision] = infer, net
     infer_s = interleaved(jobs, args.rounds, args.repeats, device)
+
+    # --- decoding (decoders): greedy new tokens per second for B prompts of T/2 tokens, with and without the cache
+    decode_s, prompt = {}, batch["input_ids"][:, :max(1, T // 2)]
+    if decoder:
+        def decode(net, precision, cache):
+            with train.autocast(precision, device):
+                modeling.generate(net, prompt, args.new_tokens, use_cache=cache)
+        jobs = {(n, p, c): lambda n=n, p=p, c=c: decode(nets[n, p], p, c)
+                for n in DECODING for p in precisions for c in (True, False)}
+        decode_s = interleaved(jobs, args.rounds, 1, device)
 
     report = dict(
         machine=f"{platform.node()} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -167,6 +191,9 @@ def bench(args):
         report["inference"].setdefault(n, {})[p] = dict(
             latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter", p], vs_pretrained=s / infer_s["pretrained model", p],
             tokens_per_s=B * T / s, added_params=added[n])
+    report["decoding"] = [dict(model=n, precision=p, cache=c, prompt_tokens=prompt.shape[1], new_tokens=args.new_tokens,
+                               tokens_per_s=B * args.new_tokens / s, vs_pretrained=s / decode_s["pretrained model", p, c])
+                          for (n, p, c), s in decode_s.items()]
     if device == "cuda":
         report["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return report
@@ -194,6 +221,13 @@ def print_report(r):
             print(f"{n if p == ps[0] else '':<28}{p:>10}{t['latency_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
                   f"{t['vs_pretrained']:>14.2f}{t['tokens_per_s']:>10.0f}{t['added_params']:>14,}"
                   + (vs(by) if p == ps[-1] else ""))
+    if r.get("decoding"):
+        d = r["decoding"][0]
+        print(f"\n{'greedy decoding':<28}{'precision':>10}{'cache':>7}{'new tokens/s':>14}{'x pretrained':>14}"
+              f"   ({r['batch_size']} prompts of {d['prompt_tokens']} tokens, {d['new_tokens']} new tokens each)")
+        for d in r["decoding"]:
+            print(f"{d['model']:<28}{d['precision']:>10}{'yes' if d['cache'] else 'no':>7}{d['tokens_per_s']:>14.1f}"
+                  f"{d['vs_pretrained']:>14.2f}")
 
 
 # -----------------------------------------------------------------------------
@@ -232,6 +266,7 @@ if __name__ == "__main__":
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--bottleneck", type=int, default=16)
     p.add_argument("--lora_rank", type=int, default=8)
+    p.add_argument("--new_tokens", type=int, default=32, help="greedy tokens generated per prompt (decoders)")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds; the median is kept")
     p.add_argument("--repeats", type=int, default=3, help="calls per round")
     p.add_argument("--device", default="auto", help="auto | cpu")
