@@ -253,12 +253,14 @@ def _llama_rope(raw, path):
     sliding-window attention, biases, a head size other than C // nh. Newer config.json files (transformers
     v5) keep rope_theta inside rope_parameters: it is moved up to where older files have it."""
     for rope in (raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}):
+        if not isinstance(rope, dict):
+            raise ValueError(f"{path}: rope_parameters / rope_scaling must be objects, found {rope!r}")
         if (kind := rope.get("rope_type", rope.get("type", "default"))) != "default":
             raise ValueError(f"{path}: rope type {kind!r} (RoPE scaling) is not supported")
     raw = {**raw, "rope_theta": raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta"))}
     unsupported = {"sliding_window": None, "attention_bias": False, "mlp_bias": False,
-                   "head_dim": raw["hidden_size"] // raw["num_attention_heads"] if raw.get("hidden_size")
-                   and raw.get("num_attention_heads") else None}
+                   "head_dim": raw["hidden_size"] // raw["num_attention_heads"]
+                   if all(type(raw.get(k)) is int and raw[k] > 0 for k in ("hidden_size", "num_attention_heads")) else None}
     for key, fine in unsupported.items():
         if raw.get(key, fine) not in (fine, None):
             raise ValueError(f"{path}: {key}={raw[key]!r} is not supported for llama (only {fine})")
