@@ -142,7 +142,7 @@ def bench(args):
         with train.autocast(precision, device):
             memory[name, precision] = saved_activation_bytes(
                 lambda: train.training_loss(net, router, batch, cfg, kind))
-        trainable[name] = adamix.count_parameters(net)["trainable"]
+        trainable[name] = adamix.count_parameters(net, head=train.head_of(net))["trainable"]
         opt.zero_grad(set_to_none=True)
     step_s = interleaved(jobs, args.rounds, args.repeats, device)
     dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)

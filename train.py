@@ -211,7 +211,7 @@ def adapt(net, cfg):
     return net, router
 
 
-def head_of(net):  # the task head's module name, None for a language model (its LM head is the frozen wte)
+def head_of(net):  # the task head's module name, None for a language model (its LM head, wte or lm_head, stays frozen)
     return "head" if net.head is not None else None
 
 
