@@ -828,10 +828,14 @@ HF_LAYERS = {
              "attn.out": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}),
 }
 HF_LAYERS["roberta"] = HF_LAYERS["bert"]
+HF_LAYERS["llama"] = ("model.layers.{}.", {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
+                      "attn.value": "self_attn.v_proj", "attn.out": "self_attn.o_proj", "mlp.fc_gate": "mlp.gate_proj",
+                      "mlp.fc_in": "mlp.up_proj", "mlp.fc_out": "mlp.down_proj"})
 HF_HEADS = {  # our head's layers -> (Hugging Face names, the module PEFT saves whole: modules_to_save)
     "bert": {"head.pooler.": ("bert.pooler.dense.", "pooler"), "head.classifier.": ("classifier.", "classifier")},
     "roberta": {"head.dense.": ("classifier.dense.", "classifier"), "head.out_proj.": ("classifier.out_proj.", "classifier")},
     "gpt2": {"head.classifier.": ("score.", "score")},
+    "llama": {"head.classifier.": ("score.", "score")},
 }
 QKV = ("attn.query", "attn.key", "attn.value")
 
@@ -845,7 +849,7 @@ def hf_module_name(model, name):
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if m is None or m.group(2) not in names:
         raise ValueError(f"{name}: no Hugging Face {family} module to export it to")
-    prefix = "transformer." if family == "gpt2" else f"{family}." if model.head is not None else ""
+    prefix = "transformer." if family == "gpt2" else "" if family == "llama" or model.head is None else f"{family}."
     return prefix + layer.format(m.group(1)) + names[m.group(2)]
 
 
@@ -907,7 +911,7 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
     rank_pattern, alpha_pattern = ({k: ra[i] for k, ra in patterns.items()} for i in (0, 1))
     config = dict(
         peft_type="LORA", task_type=(None if family is None else "SEQ_CLS" if model.head is not None else
-                                     "CAUSAL_LM" if family == "gpt2" else "FEATURE_EXTRACTION"),
+                                     "CAUSAL_LM" if family in ("gpt2", "llama") else "FEATURE_EXTRACTION"),
         base_model_name_or_path=base_model_name_or_path, revision=None, inference_mode=True,
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted(modules),  # exact module names
         fan_in_fan_out=family == "gpt2", bias="none", modules_to_save=sorted(saved_heads) or None,

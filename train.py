@@ -421,8 +421,8 @@ def check_fits(net, task, cfg):
     length within the positions, its token types within type_vocab_size (token ids against vocab_size are
     checked when the tokenizer loads); for E2E, each test prompt plus --max_new_tokens within the positions."""
     n, types = net.max_positions, net.config.type_vocab_size
-    if task.kind == "lm" and net.config.model_type != "gpt2":
-        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2), "
+    if task.kind == "lm" and not net.config.decoder:
+        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2, Llama), "
                         f"not {net.config.model_type}")
     for split in ("train", "dev", "test"):
         longest = max(len(e["input_ids"]) for e in task.splits[split])

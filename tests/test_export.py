@@ -17,7 +17,7 @@ import model
 from conftest import FIXTURES
 from test_safetensors import sample_tensors
 
-FAMILIES = {"tiny-bert": 3, "tiny-roberta": 2, "tiny-gpt2": None}  # fixture -> its classifier (None: an LM)
+FAMILIES = {"tiny-bert": 3, "tiny-roberta": 2, "tiny-gpt2": None, "tiny-llama": None}  # fixture -> its classifier (None: an LM)
 
 
 def test_write_then_read_round_trips_every_dtype(tmp_path):
