@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study "when does AdaMix beat a single adapter?": every run behind results/, one line each, in the
 # order they run. A run whose summary results/runs/NAME.json exists is skipped, so the script picks up
-# where it stopped; each finished run's summary is committed at once. One training process at a time.
+# where it stopped; each finished run's summary is committed at once. One training process per part.
 #   cp results/study.sh runs/ && nohup bash runs/study.sh budget > runs/study.log 2>&1 &   (a copy: bash reads
 #   a script while it runs it, so the original can then be edited safely); then python results/report.py
 # Common to all: all-MiniLM-L6-v2, movie reviews (mr), batch 32, lr 1e-3, adapter r 16, M 4, up shared.
