@@ -203,24 +203,22 @@ def print_report(r):
     print(f"{r['model']}, batch {r['batch_size']} x {r['seq_len']} tokens, M={r['experts']}, "
           f"adapter r={r['bottleneck']}, LoRA r={r['lora_rank']}; {r['device']}: {r['machine']}, {r['date']}")
     ps = r["precisions"]
-    vs = lambda t: f"{t['bf16'][key] / t['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""
-    key = "step_ms"
+    vs = lambda by, key: f"{by['bf16'][key] / by['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""  # bf16/fp32
     print(f"\n{'training step':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}{'GFLOP':>8}"
           f"{'of matmul':>11}{'act. MB':>9}{'trained':>10}" + ("  bf16/fp32" if len(ps) == 2 else ""))
     for n, by in r["training"].items():
         for p, t in by.items():
             print(f"{n if p == ps[0] else '':<28}{p:>10}{t['step_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
                   f"{t['tokens_per_s']:>10.0f}{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
-                  f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}" + (vs(by) if p == ps[-1] else ""))
+                  f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}" + (vs(by, "step_ms") if p == ps[-1] else ""))
     print("(plain matmul: " + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in r["matmul_flops_per_s"].items()) + ")")
-    key = "latency_ms"
     print(f"\n{'inference forward':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}"
           f"{'added params':>14}" + ("  bf16/fp32" if len(ps) == 2 else ""))
     for n, by in r["inference"].items():
         for p, t in by.items():
             print(f"{n if p == ps[0] else '':<28}{p:>10}{t['latency_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
                   f"{t['vs_pretrained']:>14.2f}{t['tokens_per_s']:>10.0f}{t['added_params']:>14,}"
-                  + (vs(by) if p == ps[-1] else ""))
+                  + (vs(by, "latency_ms") if p == ps[-1] else ""))
     if r.get("decoding"):
         d = r["decoding"][0]
         print(f"\n{'greedy decoding':<28}{'precision':>10}{'cache':>7}{'new tokens/s':>14}{'x pretrained':>14}"
