@@ -7,8 +7,8 @@ train.py: fine-tune a frozen pretrained Transformer with AdaMix (or a baseline) 
     torchrun --nproc_per_node 2 train.py              # data parallel (every rank draws the same routes)
 
 The loop follows nanoGPT's order: learning rate, forward (two views for the consistency loss),
-backward with the loss divided by the accumulation count, clip, step, zero_grad(set_to_none=True),
-log; evaluate on dev after every epoch with merged experts, keep the best epoch by dev, and test
+backward with the loss divided by the accumulation count, clip, step, zero_grad (set_to_none unless
+--unrouted zero), log; evaluate on dev after every epoch with merged experts, keep the best epoch by dev, and test
 it at the end with every inference mode (merged, random expert, expert 0, ensemble). Flags, files and the
 data's fit to the model are all checked before the first step; a bad one is one line, `error: ...`.
 """
