@@ -323,7 +323,8 @@ def evaluate(net, router, examples, task, cfg, mode, ctx, device):
     if cfg.eval_limit:  # a quick look: evenly spaced examples (the splits are not shuffled)
         examples = examples[::math.ceil(len(examples) / cfg.eval_limit)]
     outputs, labels, loss_sum, tokens = [], [], 0.0, 0
-    for batch in data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id):
+    # sorted by length (half the padding): each prediction is scored against its own batch's labels
+    for batch in data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id, by_length=True):
         batch = {k: v.to(device) for k, v in batch.items()}
         with ctx:
             forward = lambda: predict(net, batch).float()

@@ -22,22 +22,25 @@ run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json 
   fi
 }
 
-budget() {  # 1. 10 epochs, dev after each: adapter against AdaMix (every expert tracked on dev);
-            # 2. the authors' update of unrouted experts; 5. the experts without the consistency loss (λ = 0)
-  run budget-adapter-s0          --method adapter        --epochs 10 --seed 0
-  run budget-adamix-adapter-s0   --method adamix-adapter --epochs 10 --seed 0 --track_experts
-  run budget-adamix-adapter-unrouted-zero-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --unrouted zero
-  run budget-adamix-adapter-lambda0-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --consistency 0
-  for seed in 1 2; do
+budget() {  # 1. 10 epochs, dev after each: adapter against AdaMix (every expert tracked on dev), paired by seed
+  for seed in 0 1 2; do
     run budget-adapter-s$seed        --method adapter        --epochs 10 --seed $seed
     run budget-adamix-adapter-s$seed --method adamix-adapter --epochs 10 --seed $seed --track_experts
   done
 }
 
-fewshot() {  # 4. K examples per class drawn by seed from train; dev and test unchanged; batch 8, 20 epochs
-  for k in 16 64 256; do for seed in 0 1 2 3 4; do for method in adapter adamix-adapter; do
+ablate() {  # 2. the authors' update of unrouted experts; 5. the experts without the consistency loss (λ = 0);
+            # 10 epochs as in budget, seed 0 first (more seeds once these have shown whether they matter)
+  run budget-adamix-adapter-lambda0-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --consistency 0
+  run budget-adamix-adapter-unrouted-zero-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --unrouted zero
+}
+
+fewshot() {  # 4. K examples per class drawn by seed from train; dev and test unchanged; batch 8, 20 epochs;
+             # the small K first (cheap), each seed's pair together
+  for k in ${KS:-16 64 256}; do for seed in 0 1 2 3 4; do for method in adapter adamix-adapter; do
     run fewshot-k$k-$method-s$seed --method $method --kshot $k --batch_size 8 --epochs 20 --seed $seed
   done; done; done
 }
 
-"${@:-budget}"   # bash results/study.sh [budget | fewshot]: one part per process; two parts can run side by side
+for part in "${@:-budget}"; do "$part"; done  # bash results/study.sh [PART...]: parts in order; two processes
+                                              # (each with its own parts) can run side by side

@@ -365,6 +365,9 @@ def test_batches_pad_mask_and_order():
     assert next(iter(data.make_batches(fake_examples(3, score=True), 4)))["labels"].dtype == torch.float32
     with pytest.raises(ValueError):
         data.make_batches([], 4)
+    by_length = [b["labels"].tolist() for b in data.make_batches(ex, 4, by_length=True)]
+    lengths = [1 + i % 7 for i in range(10)]                    # fake_examples: example i has 1 + i % 7 tokens
+    assert sum(by_length, []) == sorted(range(10), key=lambda i: (lengths[i], i))   # a stable sort by length
 
 
 def test_shuffled_batches_bucket_and_cover_everything_once():

@@ -1,10 +1,12 @@
 """train.py end to end on a tiny BERT and a tiny GPT-2: it learns, it resumes exactly, its batched
 two-view step equals two passes, and two data-parallel ranks stay identical."""
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from conftest import FIXTURES, ROOT
 
 import adamix
+import data
 import model as modeling
 import train
 
@@ -332,3 +335,22 @@ def test_kshot_track_experts_and_identical_init(sst2, tmp_path):
         assert set(h["dev_modes"]) == {"random", "expert:0", "expert:1", "expert:2"}
         assert set(h["expert_distance"]) == {"down"} and len(h["expert_distance"]["down"]) == 2  # 2 layers, up shared
         assert all(0.0 < d < 1.0 for d in h["expert_distance"]["down"])  # identical at start, apart after routing
+
+
+def test_evaluate_by_length_scores_every_example_against_its_own_label(tmp_path):
+    """evaluate() batches by length; its accuracy must equal one example at a time, in the file's order."""
+    net = modeling.from_pretrained(tiny_checkpoint(tmp_path / "ckpt", dropout=0.0), num_labels=2).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(5, 20, (int(n),), generator=g).numpy(),
+                 "token_type_ids": torch.zeros(int(n), dtype=torch.long).numpy(), "label": i % 2}
+                for i, n in enumerate(torch.randint(2, 12, (40,), generator=g))]
+    with torch.no_grad():
+        alone = [int(train.predict(net, {"input_ids": torch.as_tensor(e["input_ids"])[None].long(),
+                                         "attention_mask": torch.ones(1, len(e["input_ids"]), dtype=torch.long)})
+                     .argmax(-1)) for e in examples]
+    plain = sum(p == e["label"] for p, e in zip(alone, examples)) / len(examples)
+    task = types.SimpleNamespace(kind="classification", pad_id=0, metric=data.accuracy)
+    cfg = types.SimpleNamespace(eval_limit=0, eval_batch_size=16)
+    got = train.evaluate(net, None, examples, task, cfg, "merged", contextlib.nullcontext(), "cpu")
+    assert 0.2 < plain < 0.8                       # the labels are not all predicted alike: a mix-up would show
+    assert got["accuracy"] == pytest.approx(plain)
