@@ -36,6 +36,18 @@ def baseline_of(group):
     return f"{m[1]}-{m[2]}" if m else None
 
 
+def variant_of(group):
+    """budget-adamix-adapter-lambda0 -> budget-adamix-adapter (the AdaMix run it changes one thing of); else None."""
+    m = re.fullmatch(r"(.+-adamix-(?:adapter|lora))-.+", group)
+    return m[1] if m else None
+
+
+def paired(runs, other, value):
+    """mean ± std over the seeds both groups have of value(run) - value(other run), and those seeds."""
+    common = [s for s in sorted(runs) if s in other]
+    return (pct([value(runs[s]) - value(other[s]) for s in common]), common) if common else ("—", [])
+
+
 def pct(xs):
     xs = [100 * x for x in xs]
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
@@ -59,37 +71,41 @@ def mean_distance(h):  # mean over layers of the down experts' pairwise cosine d
 
 def summary_table(groups):
     rows = ["| runs | seeds | epochs | best dev epoch | test: merged | random expert | expert 0 | ensemble "
-            "| AdaMix − single (paired) | min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| AdaMix − single module (paired) | − AdaMix default (paired) | min/run |", "|---" * 11 + "|"]
+    merged = lambda run: acc(run["test"]["merged"])
     for group, runs in groups.items():
         seeds = sorted(runs)
         test = lambda mode: pct([acc(runs[s]["test"][mode]) for s in seeds]) if mode in runs[seeds[0]]["test"] else "—"
         best = [next(i + 1 for i, h in enumerate(runs[s]["history"]) if acc(h["dev"]) == max(dev_curve(runs[s])))
                 for s in seeds]
-        base, paired = baseline_of(group), "—"
-        if base in groups:
-            common = [s for s in seeds if s in groups[base]]
-            if common:
-                diffs = [acc(runs[s]["test"]["merged"]) - acc(groups[base][s]["test"]["merged"]) for s in common]
-                paired = f"{pct(diffs)} (seeds {', '.join(map(str, common))})"
+        cells = []
+        for other in (baseline_of(group), variant_of(group)):
+            diff, common = paired(runs, groups.get(other, {}), merged)
+            cells.append(f"{diff} (seeds {', '.join(map(str, common))})" if common else "—")
         minutes = statistics.mean(runs[s]["wall_time_s"] for s in seeds) / 60
         rows.append(f"| {group} | {', '.join(map(str, seeds))} | {runs[seeds[0]]['config']['epochs']} | "
                     f"{', '.join(map(str, best))} | {test('merged')} | {test('random')} | {test('expert:0')} | "
-                    f"{test('ensemble')} | {paired} | {minutes:.0f} |")
+                    f"{test('ensemble')} | {cells[0]} | {cells[1]} | {minutes:.0f} |")
     return "\n".join(rows)
 
 
 def epoch_table(groups, prefix="budget-"):
-    """Dev accuracy (merged) after every epoch, mean over seeds, for the groups of one experiment."""
+    """Dev accuracy (merged) after every epoch, mean ± std over seeds, for the groups of one experiment, and
+    every AdaMix group's paired difference from its single module at that epoch."""
     chosen = {g: runs for g, runs in groups.items() if g.startswith(prefix)}
     if not chosen:
         return ""
+    pairs = [g for g in chosen if baseline_of(g) in chosen]
     n = max(len(r["history"]) for runs in chosen.values() for r in runs.values())
-    rows = ["| epoch | " + " | ".join(chosen) + " |", "|---" * (len(chosen) + 1) + "|"]
+    rows = ["| epoch | " + " | ".join(list(chosen) + [f"{g} − {baseline_of(g)} (paired)" for g in pairs]) + " |",
+            "|---" * (len(chosen) + len(pairs) + 1) + "|"]
     for e in range(n):
-        cells = []
-        for runs in chosen.values():
-            xs = [acc(r["history"][e]["dev"]) for r in runs.values() if len(r["history"]) > e]
-            cells.append(pct(xs) if xs else "")
+        dev = lambda run: acc(run["history"][e]["dev"]) if len(run["history"]) > e else None
+        cells = [pct(xs) if (xs := [d for r in runs.values() if (d := dev(r)) is not None]) else ""
+                 for runs in chosen.values()]
+        for g in pairs:
+            done = lambda runs: {s: r for s, r in runs.items() if dev(r) is not None}
+            cells.append(paired(done(chosen[g]), done(chosen[baseline_of(g)]), dev)[0])
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -36,6 +36,15 @@ def test_tables_pair_by_seed_and_use_the_sample_std(tmp_path):
     assert "| budget-adapter | 0, 1, 2 | 3 | 2, 2, 2 | 80.00 ± 10.00 | — |" in table
     # paired differences +2, +6, 0 points: mean 2.67, sample std 3.06
     assert "2.67 ± 3.06 (seeds 0, 1, 2)" in table
+    # dev per epoch, paired: AdaMix 0.5/0.6/0.7 against the adapter's 0.6/0.7/0.65 in every seed (std 0)
+    assert "| 3 | 70.00 ± 0.00 | 65.00 ± 0.00 | 5.00 ± 0.00 |" in report.epoch_table(groups)
+    # a variant is also paired with the AdaMix default of its experiment: seeds 0 and 1 only
+    assert report.variant_of("budget-adamix-adapter-lambda0") == "budget-adamix-adapter"
+    assert report.variant_of("budget-adamix-adapter") is None and report.variant_of("budget-adapter") is None
+    for seed, mix in enumerate([0.71, 0.83]):
+        fake_run(tmp_path, "budget-adamix-adapter", seed, mix, [0.5, 0.6, 0.7])
+    table = report.summary_table(report.load(tmp_path))
+    assert "| 2.67 ± 3.06 (seeds 0, 1, 2) | 2.00 ± 1.41 (seeds 0, 1) |" in table   # +1 and +3 points
     # merged minus the best single expert (expert 1, +3 points): -3.00 at every epoch
     assert "| budget-adamix-adapter-lambda0 (0) | 1 | 0.600 | 50.00 | 53.00 | -3.00 |" in report.expert_table(groups)
 
