@@ -35,6 +35,33 @@ ablate() {  # 2. the authors' update of unrouted experts; 5. the experts without
   run budget-adamix-adapter-unrouted-zero-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --unrouted zero
 }
 
+short() {  # 3. the ablations, at the default run's budget (2 epochs), where AdaMix trails most and which decides
+           # the default configuration; one change each against short-adamix-adapter; seeds one after another
+  for seed in ${SEEDS:-0 1 2}; do
+    run short-adapter-s$seed        --method adapter        --epochs 2 --seed $seed
+    run short-adamix-adapter-s$seed --method adamix-adapter --epochs 2 --seed $seed
+    for lr in 3e-4 3e-3; do  # the learning rate, tuned on dev for each method
+      run short-adapter-lr$lr-s$seed        --method adapter        --epochs 2 --seed $seed --lr $lr
+      run short-adamix-adapter-lr$lr-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr $lr
+    done
+    run short-adamix-adapter-identical-s$seed    --method adamix-adapter --epochs 2 --seed $seed --expert_init identical
+    run short-adamix-adapter-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --unrouted zero
+    run short-adamix-adapter-lambda0-s$seed      --method adamix-adapter --epochs 2 --seed $seed --consistency 0
+    run short-adamix-adapter-lambda10-s$seed     --method adamix-adapter --epochs 2 --seed $seed --consistency 10
+    run short-adamix-adapter-m2-s$seed           --method adamix-adapter --epochs 2 --seed $seed --experts 2
+    run short-adamix-adapter-m8-s$seed           --method adamix-adapter --epochs 2 --seed $seed --experts 8
+    run short-adamix-adapter-sharedown-s$seed    --method adamix-adapter --epochs 2 --seed $seed --share down
+    run short-adamix-adapter-sharenone-s$seed    --method adamix-adapter --epochs 2 --seed $seed --share none
+  done
+}
+
+lora() {  # 1. for LoRA: LoRA against AdaMix-LoRA over 10 epochs, paired by seed
+  for seed in 0 1 2; do
+    run budget-lora-s$seed        --method lora        --epochs 10 --seed $seed
+    run budget-adamix-lora-s$seed --method adamix-lora --epochs 10 --seed $seed --track_experts
+  done
+}
+
 fewshot() {  # 4. K examples per class drawn by seed from train; dev and test unchanged; batch 8, 20 epochs;
              # the small K first (cheap), each seed's pair together
   for k in ${KS:-16 64 256}; do for seed in 0 1 2 3 4; do for method in adapter adamix-adapter; do
