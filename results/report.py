@@ -70,8 +70,8 @@ def mean_distance(h):  # mean over layers of the down experts' pairwise cosine d
 
 
 def summary_table(groups):
-    rows = ["| runs | seeds | epochs | best dev epoch | test: merged | random expert | expert 0 | ensemble "
-            "| AdaMix − single module (paired) | − AdaMix default (paired) | min/run |", "|---" * 11 + "|"]
+    rows = ["| runs | seeds | epochs | best dev epoch | dev there | test: merged | random expert | expert 0 | ensemble "
+            "| AdaMix − single module (paired) | − AdaMix default (paired) | min/run |", "|---" * 12 + "|"]
     merged = lambda run: acc(run["test"]["merged"])
     for group, runs in groups.items():
         seeds = sorted(runs)
@@ -84,7 +84,7 @@ def summary_table(groups):
             cells.append(f"{diff} (seeds {', '.join(map(str, common))})" if common else "—")
         minutes = statistics.mean(runs[s]["wall_time_s"] for s in seeds) / 60
         rows.append(f"| {group} | {', '.join(map(str, seeds))} | {runs[seeds[0]]['config']['epochs']} | "
-                    f"{', '.join(map(str, best))} | {test('merged')} | {test('random')} | {test('expert:0')} | "
+                    f"{', '.join(map(str, best))} | {pct([max(dev_curve(runs[s])) for s in seeds])} | {test('merged')} | {test('random')} | {test('expert:0')} | "
                     f"{test('ensemble')} | {cells[0]} | {cells[1]} | {minutes:.0f} |")
     return "\n".join(rows)
 

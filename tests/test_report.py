@@ -32,8 +32,8 @@ def test_tables_pair_by_seed_and_use_the_sample_std(tmp_path):
     assert report.baseline_of("budget-adamix-adapter-lambda0") == "budget-adapter"
     assert report.baseline_of("fewshot-k16-adamix-lora") == "fewshot-k16-lora"
     table = report.summary_table(groups)
-    # adapter: mean 80.00, sample std 10.00; best dev epoch 2 in every seed
-    assert "| budget-adapter | 0, 1, 2 | 3 | 2, 2, 2 | 80.00 ± 10.00 | — |" in table
+    # adapter: best dev epoch 2 (70 %) in every seed; test mean 80.00, sample std 10.00
+    assert "| budget-adapter | 0, 1, 2 | 3 | 2, 2, 2 | 70.00 ± 0.00 | 80.00 ± 10.00 | — |" in table
     # paired differences +2, +6, 0 points: mean 2.67, sample std 3.06
     assert "2.67 ± 3.06 (seeds 0, 1, 2)" in table
     # dev per epoch, paired: AdaMix 0.5/0.6/0.7 against the adapter's 0.6/0.7/0.65 in every seed (std 0)
