@@ -1,5 +1,5 @@
-"""gguf.py against hand-computed blocks, files written here byte by byte (a small writer below, from the
-format's description), the tiny-llama-gguf fixture (transformers' outputs and tokenizer ids) and,
+"""model.py's GGUF reader against hand-computed blocks, files written here byte by byte (a small writer below,
+from the format's description), the tiny-llama-gguf fixture (transformers' outputs and tokenizer ids) and,
 marked slow, the real SmolLM2-135M-Instruct (its fixture of transformers' outputs)."""
 import json
 import struct
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import gguf
 import model
 from conftest import FIXTURES
 
@@ -56,7 +55,7 @@ def write_gguf(path, metadata, tensors, version=3, magic=b"GGUF", alignment=32):
 
 def f32_copy(path, src=TINY, drop=(), **meta_changes):
     """The tiny fixture re-written with every tensor in F32 (still in llama.cpp's q/k row order)."""
-    metadata, tensors = gguf.read_gguf(src)
+    metadata, tensors = model.read_gguf(src)
     metadata = {k: v for k, v in {**metadata, **meta_changes}.items() if k not in drop}
     return write_gguf(path, metadata, {name: (list(reversed(t.shape)), 0, t.numpy().tobytes())
                                        for name, t in tensors.items()})
@@ -66,7 +65,7 @@ def f32_copy(path, src=TINY, drop=(), **meta_changes):
 
 def one_tensor(tmp_path, ttype, raw, n):
     path = write_gguf(tmp_path / "one.gguf", {"general.architecture": "llama"}, {"w": ([n], ttype, raw)})
-    return gguf.read_gguf(path)[1]["w"]
+    return model.read_gguf(path)[1]["w"]
 
 
 def test_f32_f16_bf16(tmp_path):
@@ -96,7 +95,7 @@ def test_q4_1_block(tmp_path):
 def test_shape_is_the_reversed_dims(tmp_path):
     """GGUF lists the contiguous dimension first: dims [3, 2] is a torch (2, 3) tensor, rows contiguous."""
     path = write_gguf(tmp_path / "m.gguf", {}, {"w": ([3, 2], 0, struct.pack("<6f", 0, 1, 2, 3, 4, 5))})
-    assert gguf.read_gguf(path)[1]["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert model.read_gguf(path)[1]["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -104,17 +103,17 @@ def test_unpermute_inverts_llama_cpp_permutation():
     n, hs, C = 3, 8, 5
     w = torch.randn(n * hs, C)
     permuted = w.reshape(n, 2, hs // 2, C).transpose(1, 2).reshape(n * hs, C)
-    out = gguf.unpermute_qk({"blk.0.attn_k.weight": permuted, "blk.0.attn_v.weight": permuted}, 6, n, "f")
+    out = model.gguf_unpermute_qk({"blk.0.attn_k.weight": permuted, "blk.0.attn_v.weight": permuted}, 6, n, "f")
     assert torch.equal(out["blk.0.attn_k.weight"], w) and torch.equal(out["blk.0.attn_v.weight"], permuted)
     with pytest.raises(ValueError, match=r"f: tensor 'blk.0.attn_q.weight' of shape \(24, 5\) does not split into 5 heads"):
-        gguf.unpermute_qk({"blk.0.attn_q.weight": w}, 5, n, "f")
+        model.gguf_unpermute_qk({"blk.0.attn_q.weight": w}, 5, n, "f")
 
 # ----------------------------------------------------------------------------- the tiny fixture
 
 
 def test_tiny_fixture_metadata_and_config():
-    metadata, tensors = gguf.read_gguf(TINY)
-    config = model.ModelConfig.from_dict(gguf.llama_config(metadata, tensors, TINY), TINY)
+    metadata, tensors = model.read_gguf(TINY)
+    config = model.ModelConfig.from_dict(model.gguf_llama_config(metadata, tensors, TINY), TINY)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.n_inner) == (2, 64, 4, 2, 96)
     assert config.rope_theta == 100000.0 and config.tie_word_embeddings and config.layer_norm_eps == pytest.approx(1e-5)
     assert tensors["blk.0.attn_k.weight"].shape == (32, 64) and tensors["token_embd.weight"].dtype == torch.float32
@@ -159,7 +158,7 @@ def test_malformed_file_is_a_value_error_naming_it(tmp_path, make, message):
     made = make(tmp_path)
     path = made if isinstance(made, type(tmp_path)) else tmp_path / "m.gguf"
     with pytest.raises(ValueError, match=f"{path}: {message}"):
-        gguf.read_gguf(path)
+        model.read_gguf(path)
 
 
 @pytest.mark.parametrize("changes, message", [
