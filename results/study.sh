@@ -36,22 +36,23 @@ ablate() {  # 2. the authors' update of unrouted experts; 5. the experts without
 }
 
 short() {  # 3. the ablations, at the default run's budget (2 epochs), where AdaMix trails most and which decides
-           # the default configuration; one change each against short-adamix-adapter; seeds one after another
+           # the default configuration; one change each against short-adamix-adapter, the likeliest to close
+           # the gap first (the authors' update moves every expert at every step; a larger lr; fewer experts)
   for seed in ${SEEDS:-0 1 2}; do
     run short-adapter-s$seed        --method adapter        --epochs 2 --seed $seed
     run short-adamix-adapter-s$seed --method adamix-adapter --epochs 2 --seed $seed
-    for lr in 3e-4 3e-3; do  # the learning rate, tuned on dev for each method
-      run short-adapter-lr$lr-s$seed        --method adapter        --epochs 2 --seed $seed --lr $lr
-      run short-adamix-adapter-lr$lr-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr $lr
-    done
-    run short-adamix-adapter-identical-s$seed    --method adamix-adapter --epochs 2 --seed $seed --expert_init identical
     run short-adamix-adapter-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --unrouted zero
-    run short-adamix-adapter-lambda0-s$seed      --method adamix-adapter --epochs 2 --seed $seed --consistency 0
-    run short-adamix-adapter-lambda10-s$seed     --method adamix-adapter --epochs 2 --seed $seed --consistency 10
+    for lr in 3e-3 3e-4; do  # the learning rate, tuned on dev for each method
+      run short-adamix-adapter-lr$lr-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr $lr
+      run short-adapter-lr$lr-s$seed        --method adapter        --epochs 2 --seed $seed --lr $lr
+    done
     run short-adamix-adapter-m2-s$seed           --method adamix-adapter --epochs 2 --seed $seed --experts 2
+    run short-adamix-adapter-identical-s$seed    --method adamix-adapter --epochs 2 --seed $seed --expert_init identical
+    run short-adamix-adapter-lambda10-s$seed     --method adamix-adapter --epochs 2 --seed $seed --consistency 10
     run short-adamix-adapter-m8-s$seed           --method adamix-adapter --epochs 2 --seed $seed --experts 8
     run short-adamix-adapter-sharedown-s$seed    --method adamix-adapter --epochs 2 --seed $seed --share down
     run short-adamix-adapter-sharenone-s$seed    --method adamix-adapter --epochs 2 --seed $seed --share none
+    run short-adamix-adapter-lambda0-s$seed      --method adamix-adapter --epochs 2 --seed $seed --consistency 0
   done
 }
 
