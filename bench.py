@@ -249,10 +249,11 @@ def results_table(folder):
         ms = runs[method]
         main = "accuracy" if "accuracy" in ms[0]["test"]["merged"] else next(iter(ms[0]["test"]["merged"]))
         cell = lambda mode: mean_std([m["test"][mode][main] for m in ms]) if mode in ms[0]["test"] else "—"
-        minutes = statistics.mean(m["wall_time_s"] for m in ms) / 60
+        known = [m["wall_time_s"] for m in ms if m["wall_time_s"] is not None]  # None: a run resumed from an old checkpoint
+        minutes = f"{statistics.mean(known) / 60:.1f}" if known else "—"
         rows.append(f"| {method} | {', '.join(str(m['config']['seed']) for m in ms)} | "
                     f"{ms[0]['parameters']['trainable']:,} | {cell('merged')} | {cell('random')} | {cell('expert:0')} | "
-                    f"{cell('ensemble')} | {minutes:.1f} |")
+                    f"{cell('ensemble')} | {minutes} |")
     return "\n".join(rows)
 
 

@@ -501,6 +501,7 @@ def main(cfg):
     # --- state that --resume restores. run_id ties model.pt to this run: the final test never reads another's
     step, best, history, losses = 0, None, [], []  # losses: this epoch's training losses, for the log
     run_id, saved = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}", None  # saved: last checkpoint's step
+    trained_s = 0.0  # training time of earlier processes of this run, up to their last checkpoint (None: unknown)
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
     if cfg.resume:
         path = out_dir / "ckpt.pt"
@@ -517,6 +518,7 @@ def main(cfg):
                 if p in optimizer.state:
                     p.grad = torch.zeros_like(p)
         step, best, history, losses, run_id = (ckpt[k] for k in ("step", "best", "history", "losses", "run_id"))
+        trained_s = ckpt.get("trained_s")  # absent from checkpoints written before it was recorded
         saved = step
         if master:
             print(f"resumed from {path} at step {step}")
@@ -533,7 +535,8 @@ def main(cfg):
         if master:
             save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run_id, step=step, best=best, history=history,
                              losses=losses, weights=small_state(net, cfg), optimizer=optimizer.state_dict(),
-                             rng=rngs, router=router.state_dict() if router is not None else None),
+                             rng=rngs, router=router.state_dict() if router is not None else None,
+                             trained_s=None if trained_s is None else trained_s + time.time() - t0),
                         out_dir / "ckpt.pt")
         saved = step
 
@@ -621,7 +624,9 @@ def main(cfg):
         test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
                       else decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device))
     results = dict(config=dataclasses.asdict(cfg), run_id=run_id, parameters=counts, history=history,
-                   test=test_metrics, wall_time_s=wall, steps_per_s=(step - start_step) / wall, world_size=world,
+                   test=test_metrics, steps_per_s=(step - start_step) / wall, world_size=world,
+                   # training time over every process of the run (a resumed run: up to each one's last checkpoint)
+                   wall_time_s=None if trained_s is None else trained_s + wall,
                    device=device, precision=cfg.precision, train_examples=len(train))
     if master:
         print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples"

@@ -94,6 +94,7 @@ def test_resume_gives_the_same_weights_as_no_interruption(sst2, tmp_path):
     ckpt, glue = sst2
     straight = train.main(config(ckpt, glue, tmp_path / "a", epochs=2))
     assert train.main(config(ckpt, glue, tmp_path / "b", epochs=2, stop_after=7)) is None  # mid epoch 1 of 2
+    first_s = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["trained_s"]  # training time to step 7
     resumed = train.main(config(ckpt, glue, tmp_path / "b", epochs=2, resume=True))
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -102,6 +103,8 @@ def test_resume_gives_the_same_weights_as_no_interruption(sst2, tmp_path):
         assert torch.equal(a["weights"][name], b["weights"][name]), name
     assert resumed["test"] == straight["test"]
     assert [h["dev"] for h in resumed["history"]] == [h["dev"] for h in straight["history"]]
+    second_s = (resumed["history"][-1]["step"] - 7) / resumed["steps_per_s"]   # the resumed process's own
+    assert first_s > 0 and resumed["wall_time_s"] == pytest.approx(first_s + second_s)  # both processes count
 
 
 def test_batched_two_views_equal_two_passes(tmp_path):
