@@ -48,6 +48,24 @@ def paired(runs, other, value):
     return (pct([value(runs[s]) - value(other[s]) for s in common]), common) if common else ("—", [])
 
 
+VARIANTS = {"lambda0": "λ = 0 (no consistency loss)", "lambda10": "λ = 10", "unrouted-zero": "the authors' update "
+            "of unrouted experts", "identical": "identical expert init", "m2": "M = 2", "m8": "M = 8",
+            "sharedown": "down shared", "sharenone": "nothing shared"}
+
+
+def label(group):
+    """budget-adamix-adapter-lambda0 -> 'AdaMix adapter, λ = 0 (no consistency loss)', for legends."""
+    m = re.fullmatch(r"\w+?-(adamix-)?(adapter|lora)(?:-(.+))?", group)
+    if not m:
+        return group
+    name = ("AdaMix " if m[1] else "") + ("LoRA" if m[2] == "lora" else m[2])
+    if m[3]:
+        name += ", " + VARIANTS.get(m[3], m[3].replace("lr", "lr "))
+    elif m[1]:
+        name += ", λ = 1"
+    return name
+
+
 def pct(xs):
     xs = [100 * x for x in xs]
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
@@ -166,10 +184,10 @@ def figures(groups, plt):
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         for (group, runs), color in zip(tracked.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
             dist = [[mean_distance(h) for h in r["history"]] for r in runs.values()]
-            band(left, [[d / 100 for d in c] for c in dist], group, color=color)  # band() multiplies by 100
+            band(left, [[d / 100 for d in c] for c in dist], label(group), color=color)  # band() multiplies by 100
             gaps = [[acc(h["dev"]) - max(acc(v) for k, v in h["dev_modes"].items() if k.startswith("expert:"))
                      for h in r["history"]] for r in runs.values()]
-            band(right, gaps, group, color=color)
+            band(right, gaps, label(group), color=color)
         left.set(xlabel="epoch", ylabel="mean pairwise cosine distance", title="how far apart the down experts are")
         right.axhline(0, color="gray", linewidth=0.8)
         right.set(xlabel="epoch", ylabel="dev accuracy: merged − best expert (points)",
