@@ -203,12 +203,20 @@ def figures(groups, plt):
             fewshot[m[2]][int(m[1])] = [100 * acc(r["test"]["merged"]) for r in runs.values()]
     if fewshot:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for method, by_k in sorted(fewshot.items()):
+        for (method, by_k), shift in zip(sorted(fewshot.items()), (0.97, 1.03, 1.0, 1.0)):  # side by side
             ks = sorted(by_k)
-            ax.errorbar(ks, [statistics.mean(by_k[k]) for k in ks], capsize=3, marker="o", label=method,
+            seeds = sorted({len(by_k[k]) for k in ks})
+            ax.errorbar([k * shift for k in ks], [statistics.mean(by_k[k]) for k in ks], capsize=3, marker="o",
+                        label=f"{label('fewshot-' + method)} ({'/'.join(map(str, seeds))} seeds)",
                         yerr=[statistics.stdev(by_k[k]) if len(by_k[k]) > 1 else 0 for k in ks])
-        ax.set(xscale="log", xlabel="training examples per class (K)", ylabel="test accuracy (%)",
-               title="few-shot movie reviews (mean ± std over seeds)")
+        all_ks = sorted({k for by_k in fewshot.values() for k in by_k})
+        ax.set_xscale("log")
+        ax.set_xticks(all_ks, [str(k) for k in all_ks], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_xlim(all_ks[0] / 1.6, all_ks[-1] * 1.6)
+        ax.axhline(50, color="gray", linewidth=0.8, linestyle=":")  # chance: two balanced classes
+        ax.set(xlabel="training examples per class (K)", ylabel="test accuracy (%)",
+               title="few-shot movie reviews (mean ± std over seeds; dotted: chance)")
         ax.legend(fontsize=8)
         save(fig, "fig_fewshot.svg")
         written.append("fig_fewshot.svg")
