@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -637,11 +638,28 @@ def main(cfg):
         print(f"wrote {out_dir / 'metrics.json'}")
         if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its single module?
             single = cfg.method.removeprefix("adamix-")
-            print(f"compare with one {single} of the same inference size, same budget and seed:\n  python train.py "
-                  f"--method {single} --task {cfg.task} --epochs {cfg.epochs} --seed {cfg.seed} --out_dir {out_dir}-{single}")
+            print(f"compare with one {single} of the same inference size, same data, budget and seed:\n  "
+                  + single_module_command(cfg))
     if ddp:
         dist.destroy_process_group()
     return results
+
+
+ADAMIX_ONLY = ("method experts share expert_init consistency consistency_kind batched_views differ_routes unrouted "
+               "track_experts test_modes out_dir resume stop_after log_interval").split()
+
+
+def single_module_command(cfg):
+    """The command that trains AdaMix's single module (adapter or LoRA) with every other flag of cfg kept."""
+    single, default = cfg.method.removeprefix("adamix-"), TrainConfig()
+    flags = [f"--method {single}", f"--task {cfg.task}", f"--epochs {cfg.epochs}", f"--seed {cfg.seed}"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ADAMIX_ONLY or f.name in ("task", "epochs", "seed") or value == getattr(default, f.name):
+            continue
+        flags.append(f"--{f.name}" if value is True else f"--no-{f.name}" if value is False
+                     else f"--{f.name} {shlex.quote(str(value))}")
+    return "python train.py " + " ".join(flags + [f"--out_dir {shlex.quote(cfg.out_dir + '-' + single)}"])
 
 
 def save_atomic_json(obj, path):

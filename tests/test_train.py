@@ -1,8 +1,10 @@
 """train.py end to end on a tiny BERT and a tiny GPT-2: it learns, it resumes exactly, its batched
 two-view step equals two passes, and two data-parallel ranks stay identical."""
 import contextlib
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -357,3 +359,19 @@ def test_evaluate_by_length_scores_every_example_against_its_own_label(tmp_path)
     got = train.evaluate(net, None, examples, task, cfg, "merged", contextlib.nullcontext(), "cpu")
     assert 0.2 < plain < 0.8                       # the labels are not all predicted alike: a mix-up would show
     assert got["accuracy"] == pytest.approx(plain)
+
+
+def test_the_printed_comparison_keeps_every_flag_but_the_mixture():
+    """The command printed after an AdaMix run trains its single module on the same data, budget and seed."""
+    cfg = train.TrainConfig(kshot=64, batch_size=8, epochs=20, lr=3e-3, bottleneck=32, max_len=48, experts=8,
+                            unrouted="zero", consistency=10.0, track_experts=True, out_dir="runs/a b")
+    command = train.single_module_command(cfg)
+    args = shlex.split(command)
+    assert args[:2] == ["python", "train.py"]
+    single = train.parse_args(args[2:])
+    mixture = set(train.ADAMIX_ONLY)
+    for f in dataclasses.fields(cfg):
+        if f.name not in mixture:
+            assert getattr(single, f.name) == getattr(cfg, f.name), f.name
+    assert single.method == "adapter" and single.out_dir == "runs/a b-adapter"
+    assert single.experts == 4 and single.unrouted == "skip" and not single.track_experts  # defaults again
