@@ -4,6 +4,7 @@
 # where it stopped; each finished run's summary is committed at once. One training process per part.
 #   cp results/study.sh runs/ && nohup bash runs/study.sh budget > runs/study.log 2>&1 &   (a copy: bash reads
 #   a script while it runs it, so the original can then be edited safely); then python results/report.py
+#   PLAN=1 bash results/study.sh budget short ...   lists the parts' runs, each "done" or "todo", and runs nothing.
 # Common to all: all-MiniLM-L6-v2, movie reviews (mr), batch 32, lr 1e-3, adapter r 16, M 4, up shared.
 set -u
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one core per run: torch's threads stall when another process
@@ -12,6 +13,10 @@ cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 
 run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json as results/runs/NAME.json
   local name=$1; shift
+  if [ -n "${PLAN:-}" ]; then
+    if [ -e "results/runs/$name.json" ]; then echo "done $name"; else echo "todo $name"; fi
+    return 0
+  fi
   [ -e "results/runs/$name.json" ] && return 0
   local resume=""
   [ -e "runs/study/$name/ckpt.pt" ] && resume="--resume"  # a run that was stopped continues

@@ -1,6 +1,8 @@
 """results/report.py: groups runs by name, pairs AdaMix with its single module by seed, computes the spread."""
 import importlib.util
 import json
+import os
+import subprocess
 
 import pytest
 from conftest import ROOT
@@ -60,3 +62,16 @@ def test_figures_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "HERE", tmp_path)
     assert report.figures(report.load(tmp_path), plt) == ["fig_budget.svg", "fig_experts.svg", "fig_fewshot.svg"]
     assert all((tmp_path / name).read_text().startswith("<?xml") for name in ("fig_budget.svg", "fig_fewshot.svg"))
+
+
+def test_the_plan_counts_the_summaries_that_exist():
+    """PLAN=1 lists study.sh's runs without running any; "done" means the run's summary is in results/runs."""
+    table = report.plan_table()
+    for part in report.PARTS:
+        out = subprocess.run(["bash", str(ROOT / "results" / "study.sh"), part], env={**os.environ, "PLAN": "1"},
+                             capture_output=True, text=True, check=True).stdout.split()
+        names = out[1::2]
+        assert names and len(set(names)) == len(names)                       # every run once
+        done = [n for n in names if (ROOT / "results" / "runs" / f"{n}.json").exists()]
+        assert [n for n, s in zip(names, out[0::2]) if s == "done"] == done
+        assert f"| {part} | {report.PARTS[part]} | {len(done)} of {len(names)} |" in table
