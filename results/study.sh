@@ -9,7 +9,7 @@
 set -u
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one core per run: torch's threads stall when another process
                                               # shares the cores; a second run or other work can use the other
-cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
+cd "$(dirname "$0")/.."  # the repository's root (the script sits in results/, its running copy in runs/)
 
 run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json as results/runs/NAME.json
   local name=$1; shift
