@@ -43,10 +43,12 @@ ablate() {  # 2. the authors' update of unrouted experts; 5. the experts without
 short() {  # 3. the ablations, at the default run's budget (2 epochs), where AdaMix trails most and which decides
            # the default configuration; one change each against short-adamix-adapter, the likeliest to close
            # the gap first (the authors' update moves every expert at every step; a larger lr; fewer experts)
-  for seed in ${SEEDS:-0 1 2}; do
+  for seed in ${SEEDS:-0 1 2}; do  # the pair, and the authors' update of unrouted experts, for every seed first
     run short-adapter-s$seed        --method adapter        --epochs 2 --seed $seed
     run short-adamix-adapter-s$seed --method adamix-adapter --epochs 2 --seed $seed
     run short-adamix-adapter-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --unrouted zero
+  done
+  for seed in ${SEEDS:-0 1 2}; do
     for lr in 3e-3 3e-4; do  # the learning rate, tuned on dev for each method
       run short-adamix-adapter-lr$lr-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr $lr
       run short-adapter-lr$lr-s$seed        --method adapter        --epochs 2 --seed $seed --lr $lr
