@@ -29,7 +29,9 @@ run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json 
   echo "=== $(date -u +%FT%TZ) $name: $* $resume"
   if python train.py --out_dir "runs/study/$name" "$@" $resume; then
     cp "runs/study/$name/metrics.json" "results/runs/$name.json"
-    git add "results/runs/$name.json" && git commit -q -m "results: $name" -- "results/runs/$name.json" || true
+    python results/report.py > /dev/null  # the tables and figures always match the summaries beside them
+    git add results/runs/"$name".json results/summary.md results/*.svg &&
+      git commit -q -m "results: $name" -- results/runs/"$name".json results/summary.md results/*.svg || true
   fi
   exec {lock}>&-
 }
