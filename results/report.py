@@ -32,10 +32,15 @@ def load(folder=HERE / "runs"):
     return dict(groups)
 
 
-def baseline_of(group):
-    """budget-adamix-adapter-lambda0 -> budget-adapter; fewshot-k16-adamix-lora -> fewshot-k16-lora; else None."""
+def baseline_of(group, groups=()):
+    """The single module an AdaMix group is compared with: the one trained the same way where `groups` has it
+    (short-adamix-adapter-lr3e-3 -> short-adapter-lr3e-3: each method at the same learning rate), else the
+    experiment's default one (budget-adamix-adapter-lambda0 -> budget-adapter); None for a single module."""
     m = re.fullmatch(r"(.+)-adamix-(adapter|lora)(-.*)?", group)
-    return f"{m[1]}-{m[2]}" if m else None
+    if not m:
+        return None
+    same = f"{m[1]}-{m[2]}{m[3] or ''}"
+    return same if same in groups else f"{m[1]}-{m[2]}"
 
 
 def variant_of(group):
@@ -102,7 +107,7 @@ def summary_table(groups, every=None):
         best = [next(i + 1 for i, h in enumerate(runs[s]["history"]) if acc(h["dev"]) == max(dev_curve(runs[s])))
                 for s in seeds]
         cells = []
-        for other in (baseline_of(group), variant_of(group)):
+        for other in (baseline_of(group, every), variant_of(group)):
             diff, common = paired(runs, every.get(other, {}), merged)
             cells.append(f"{diff} (seeds {', '.join(map(str, common))})" if common else "—")
         known = [runs[s]["wall_time_s"] for s in seeds if runs[s]["wall_time_s"] is not None]  # None: resumed
@@ -119,9 +124,10 @@ def epoch_table(groups, prefix="budget-"):
     chosen = {g: runs for g, runs in groups.items() if g.startswith(prefix)}
     if not chosen:
         return ""
-    pairs = [g for g in chosen if baseline_of(g) in chosen]
+    base = {g: baseline_of(g, chosen) for g in chosen}
+    pairs = [g for g in chosen if base[g] in chosen]
     n = max(len(r["history"]) for runs in chosen.values() for r in runs.values())
-    rows = ["| epoch | " + " | ".join(list(chosen) + [f"{g} − {baseline_of(g)} (paired)" for g in pairs]) + " |",
+    rows = ["| epoch | " + " | ".join(list(chosen) + [f"{g} − {base[g]} (paired)" for g in pairs]) + " |",
             "|---" * (len(chosen) + len(pairs) + 1) + "|"]
     for e in range(n):
         dev = lambda run: acc(run["history"][e]["dev"]) if len(run["history"]) > e else None
@@ -129,9 +135,41 @@ def epoch_table(groups, prefix="budget-"):
                  for runs in chosen.values()]
         for g in pairs:
             done = lambda runs: {s: r for s, r in runs.items() if dev(r) is not None}
-            cells.append(paired(done(chosen[g]), done(chosen[baseline_of(g)]), dev)[0])
+            cells.append(paired(done(chosen[g]), done(chosen[base[g]]), dev)[0])
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def lr_table(groups, prefix="short-", default_lr="1e-3"):
+    """Each method at every learning rate run (dev at the chosen epoch, test), and at the one that is best on
+    dev (mean over seeds): the comparison of two methods each tuned on dev, never on test."""
+    best_dev = lambda run: max(dev_curve(run))
+    rows = ["| method | lr | seeds | dev there | test: merged |", "|---|---|---|---|---|"]
+    tuned = {}
+    for method in ("adapter", "adamix-adapter", "lora", "adamix-lora"):
+        by_lr = {default_lr if g == f"{prefix}{method}" else g.removeprefix(f"{prefix}{method}-lr"): runs
+                 for g, runs in groups.items()
+                 if g == f"{prefix}{method}" or re.fullmatch(rf"{prefix}{method}-lr[\d.e-]+", g)}
+        if not by_lr:
+            continue
+        for lr, runs in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
+            rows.append(f"| {label('x-' + method)} | {lr} | {', '.join(map(str, sorted(runs)))} | "
+                        f"{pct([best_dev(r) for r in runs.values()])} | "
+                        f"{pct([acc(r['test']['merged']) for r in runs.values()])} |")
+        common = set.intersection(*(set(runs) for runs in by_lr.values()))  # choose on the same seeds
+        if not common:
+            continue
+        lr = max(by_lr, key=lambda lr: statistics.mean(best_dev(by_lr[lr][s]) for s in common))
+        tuned[method] = (lr, by_lr[lr])
+    merged = lambda run: acc(run["test"]["merged"])
+    lines = ["\n".join(rows)] if len(rows) > 2 else []
+    for mix, single in (("adamix-adapter", "adapter"), ("adamix-lora", "lora")):
+        if mix in tuned and single in tuned:
+            diff, seeds = paired(tuned[mix][1], tuned[single][1], merged)
+            lines.append(f"Tuned on dev: {label('x-' + mix)} at lr {tuned[mix][0]}, {label('x-' + single)} at lr "
+                         f"{tuned[single][0]}; test, AdaMix − single (paired, seeds {', '.join(map(str, seeds))}): "
+                         f"{diff} points.")
+    return "\n\n".join(lines)
 
 
 def expert_table(groups):
@@ -258,6 +296,7 @@ def main():
         parts.append(f"## {title}\n\n" + summary_table(chosen, groups) if chosen else "")
     others = {g: runs for g, runs in groups.items() if not g.startswith(tuple(p for p, _ in experiments))}
     parts += ["## Other runs\n\n" + summary_table(others, groups) if others else "",
+             "## The learning rate at 2 epochs, tuned on dev for each method\n\n" + lr_table(groups),
              "## Dev accuracy (merged) after every epoch, 10-epoch budget\n\n" + epoch_table(groups),
              "## The experts during training (runs with --track_experts)\n\n" + expert_table(groups)]
     (HERE / "summary.md").write_text("\n\n".join(p for p in parts if p and not p.endswith("\n\n")) + "\n")

@@ -33,6 +33,8 @@ def test_tables_pair_by_seed_and_use_the_sample_std(tmp_path):
     assert set(groups) == {"budget-adapter", "budget-adamix-adapter-lambda0"}
     assert report.baseline_of("budget-adamix-adapter-lambda0") == "budget-adapter"
     assert report.baseline_of("fewshot-k16-adamix-lora") == "fewshot-k16-lora"
+    assert report.baseline_of("short-adamix-adapter-lr3e-3", {"short-adapter-lr3e-3": {}}) == "short-adapter-lr3e-3"
+    assert report.baseline_of("short-adamix-adapter-lr3e-3") == "short-adapter"  # none at that lr: the default
     table = report.summary_table(groups)
     # adapter: best dev epoch 2 (70 %) in every seed; test mean 80.00, sample std 10.00
     assert "| budget-adapter | 0, 1, 2 | 3 | 2, 2, 2 | 70.00 ± 0.00 | 80.00 ± 10.00 | — |" in table
@@ -75,3 +77,16 @@ def test_the_plan_counts_the_summaries_that_exist():
         done = [n for n in names if (ROOT / "results" / "runs" / f"{n}.json").exists()]
         assert [n for n, s in zip(names, out[0::2]) if s == "done"] == done
         assert f"| {part} | {report.PARTS[part]} | {len(done)} of {len(names)} |" in table
+
+
+def test_each_method_gets_the_learning_rate_best_on_dev(tmp_path):
+    for seed in (0, 1):
+        fake_run(tmp_path, "short-adapter", seed, 0.78, [0.70, 0.80])            # adapter: best at 1e-3 on dev
+        fake_run(tmp_path, "short-adapter-lr3e-3", seed, 0.90, [0.70, 0.79])     # (test would say otherwise)
+        fake_run(tmp_path, "short-adamix-adapter", seed, 0.70, [0.70, 0.75])
+        fake_run(tmp_path, "short-adamix-adapter-lr3e-3", seed, 0.80 + seed / 100, [0.70, 0.81])
+    fake_run(tmp_path, "short-adapter-lr3e-3", 2, 0.99, [0.99, 0.99])           # seed 2 only here: not compared
+    table = report.lr_table(report.load(tmp_path))
+    assert "| adapter | 3e-3 | 0, 1, 2 | 85.67 ± 11.55 | 93.00 ± 5.20 |" in table
+    assert "AdaMix adapter, λ = 1 at lr 3e-3, adapter at lr 1e-3" in table
+    assert "(paired, seeds 0, 1): 2.50 ± 0.71 points" in table                   # +2 and +3 points
