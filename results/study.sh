@@ -27,7 +27,8 @@ run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json 
   local resume=""
   [ -e "runs/study/$name/ckpt.pt" ] && resume="--resume"  # a run that was stopped continues
   echo "=== $(date -u +%FT%TZ) $name: $* $resume"
-  if python train.py --out_dir "runs/study/$name" "$@" $resume; then
+  # lr 1e-3 unless the run says otherwise (a later flag wins): the study began before the default became 3e-3
+  if python train.py --out_dir "runs/study/$name" --lr 1e-3 "$@" $resume; then
     cp "runs/study/$name/metrics.json" "results/runs/$name.json"
     python results/report.py > /dev/null  # the tables and figures always match the summaries beside them
     git add results/runs/"$name".json results/summary.md results/*.svg &&
