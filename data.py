@@ -582,12 +582,12 @@ def make_batches(examples, batch_size, shuffle=False, seed=0, pad_id=0, rank=0, 
         raise ValueError("no examples to batch")
     order, rng = np.arange(len(examples)), np.random.default_rng(seed)
     lengths = np.array([len(e["input_ids"]) for e in examples])
-    if by_length and not shuffle:
-        order = np.argsort(lengths, kind="stable")
     if shuffle:
         order, window = rng.permutation(len(examples)), BUCKET_BATCHES * batch_size
         order = np.concatenate([w[np.argsort(lengths[w], kind="stable")]
                                 for w in np.split(order, np.arange(window, len(order), window))])
+    elif by_length:
+        order = np.argsort(lengths, kind="stable")
     batches = np.split(order, np.arange(batch_size, len(order), batch_size))
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]

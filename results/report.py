@@ -82,6 +82,10 @@ def acc(metrics):
     return metrics.get("accuracy", next(iter(metrics.values())))
 
 
+def test_merged(run):
+    return acc(run["test"]["merged"])
+
+
 def dev_curve(run, mode="merged"):
     """Dev accuracy after every epoch: merged from the history, other modes from --track_experts."""
     if mode == "merged":
@@ -100,7 +104,6 @@ def summary_table(groups, every=None):
     every = groups if every is None else every
     rows = ["| runs | seeds | epochs | best dev epoch | dev there | test: merged | random expert | expert 0 | ensemble "
             "| AdaMix − single module (paired) | − AdaMix default (paired) | min/run |", "|---" * 12 + "|"]
-    merged = lambda run: acc(run["test"]["merged"])
     for group, runs in groups.items():
         seeds = sorted(runs)
         test = lambda mode: pct([acc(runs[s]["test"][mode]) for s in seeds]) if mode in runs[seeds[0]]["test"] else "—"
@@ -108,7 +111,7 @@ def summary_table(groups, every=None):
                 for s in seeds]
         cells = []
         for other in (baseline_of(group, every), variant_of(group)):
-            diff, common = paired(runs, every.get(other, {}), merged)
+            diff, common = paired(runs, every.get(other, {}), test_merged)
             cells.append(f"{diff} (seeds {', '.join(map(str, common))})" if common else "—")
         known = [runs[s]["wall_time_s"] for s in seeds if runs[s]["wall_time_s"] is not None]  # None: resumed
         minutes = f"{statistics.mean(known) / 60:.0f}" if known else "—"               # from an older checkpoint
@@ -155,17 +158,16 @@ def lr_table(groups, prefix="short-", default_lr="1e-3"):
         for lr, runs in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
             rows.append(f"| {label('x-' + method)} | {lr} | {', '.join(map(str, sorted(runs)))} | "
                         f"{pct([best_dev(r) for r in runs.values()])} | "
-                        f"{pct([acc(r['test']['merged']) for r in runs.values()])} |")
+                        f"{pct([test_merged(r) for r in runs.values()])} |")
         common = set.intersection(*(set(runs) for runs in by_lr.values()))  # choose on the same seeds
         if not common:
             continue
         lr = max(by_lr, key=lambda lr: statistics.mean(best_dev(by_lr[lr][s]) for s in common))
         tuned[method] = (lr, by_lr[lr])
-    merged = lambda run: acc(run["test"]["merged"])
     lines = ["\n".join(rows)] if len(rows) > 2 else []
     for mix, single in (("adamix-adapter", "adapter"), ("adamix-lora", "lora")):
         if mix in tuned and single in tuned:
-            diff, seeds = paired(tuned[mix][1], tuned[single][1], merged)
+            diff, seeds = paired(tuned[mix][1], tuned[single][1], test_merged)
             lines.append(f"Tuned on dev: {label('x-' + mix)} at lr {tuned[mix][0]}, {label('x-' + single)} at lr "
                          f"{tuned[single][0]}; test, AdaMix − single (paired, seeds {', '.join(map(str, seeds))}): "
                          f"{diff} points.")
