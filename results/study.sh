@@ -44,9 +44,11 @@ budget() {  # 1. 10 epochs, dev after each: adapter against AdaMix (every expert
   done
 }
 
-ablate() {  # 2. the authors' update of unrouted experts; 5. the experts without the consistency loss (λ = 0);
-            # 10 epochs as in budget, seed 0 first (more seeds once these have shown whether they matter)
+noconsistency() {  # 5. the experts without the consistency loss (lambda = 0), 10 epochs as in budget, seed 0
   run budget-adamix-adapter-lambda0-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --consistency 0
+}
+
+ablate() {  # 2. the authors' update of unrouted experts over 10 epochs, seed 0 (the 2-epoch runs in shortmore first)
   run budget-adamix-adapter-unrouted-zero-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --unrouted zero
 }
 
@@ -67,18 +69,20 @@ shortmore() {  # the rest of 3: the authors' update of unrouted experts first, t
   for seed in ${SEEDS:-0 1 2}; do
     run short-adamix-adapter-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --unrouted zero
   done
-  for seed in ${SEEDS:-0 1 2}; do
-    for lr in 1e-2 3e-4; do
-      run short-adamix-adapter-lr$lr-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr $lr
-      run short-adapter-lr$lr-s$seed        --method adapter        --epochs 2 --seed $seed --lr $lr
-    done
+  for seed in ${SEEDS:-0 1 2}; do  # the cheap and open questions first: lr 1e-2 (is 3e-3 the top?), lambda 0 (one pass)
+    run short-adamix-adapter-lr1e-2-s$seed       --method adamix-adapter --epochs 2 --seed $seed --lr 1e-2
+    run short-adapter-lr1e-2-s$seed              --method adapter        --epochs 2 --seed $seed --lr 1e-2
+    run short-adamix-adapter-lambda0-s$seed      --method adamix-adapter --epochs 2 --seed $seed --consistency 0
     run short-adamix-adapter-m2-s$seed           --method adamix-adapter --epochs 2 --seed $seed --experts 2
     run short-adamix-adapter-identical-s$seed    --method adamix-adapter --epochs 2 --seed $seed --expert_init identical
     run short-adamix-adapter-lambda10-s$seed     --method adamix-adapter --epochs 2 --seed $seed --consistency 10
     run short-adamix-adapter-m8-s$seed           --method adamix-adapter --epochs 2 --seed $seed --experts 8
     run short-adamix-adapter-sharedown-s$seed    --method adamix-adapter --epochs 2 --seed $seed --share down
     run short-adamix-adapter-sharenone-s$seed    --method adamix-adapter --epochs 2 --seed $seed --share none
-    run short-adamix-adapter-lambda0-s$seed      --method adamix-adapter --epochs 2 --seed $seed --consistency 0
+  done
+  for seed in ${SEEDS:-0 1 2}; do  # last: lr 3e-4, which 1e-3 < 3e-3 on every seed of both methods predicts is worse
+    run short-adamix-adapter-lr3e-4-s$seed       --method adamix-adapter --epochs 2 --seed $seed --lr 3e-4
+    run short-adapter-lr3e-4-s$seed              --method adapter        --epochs 2 --seed $seed --lr 3e-4
   done
 }
 
