@@ -193,7 +193,9 @@ PARTS = {"budget": "1. adapter against AdaMix adapter, 10 epochs, seeds 0-2",
          "noconsistency": "5. the experts without the consistency loss (λ = 0), 10 epochs, seed 0",
          "ablate": "2. the authors' update of unrouted experts over 10 epochs, seed 0",
          "lora": "1. LoRA against AdaMix LoRA, 10 epochs, seeds 0-2",
-         "short": "3. the ablations and the learning rate at the default's 2 epochs, seeds 0-2",
+         "short": "3. the learning rate at the default's 2 epochs, both methods, seeds 0-2",
+         "unrouted": "2. the authors' update of unrouted experts at 2 epochs, seeds 0-2",
+         "shortmore": "3. the other ablations at 2 epochs, one change each, seeds 0-2",
          "fewshot": "4. K = 16, 64, 256 examples per class, seeds 0-4"}
 
 

@@ -62,13 +62,15 @@ short() {  # 3. the ablations, at the default run's budget (2 epochs), where Ada
       run short-adamix-adapter$name-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr $lr
     done
   done
-  shortmore
 }
 
-shortmore() {  # the rest of 3: the authors' update of unrouted experts first, then the other changes
+unrouted() {  # 2. the authors' update of unrouted experts at the default's budget, against short-adamix-adapter
   for seed in ${SEEDS:-0 1 2}; do
     run short-adamix-adapter-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --unrouted zero
   done
+}
+
+shortmore() {  # the rest of 3, one change at a time against AdaMix at lr 1e-3
   for seed in ${SEEDS:-0 1 2}; do  # the cheap and open questions first: lr 1e-2 (is 3e-3 the top?), lambda 0 (one pass)
     run short-adamix-adapter-lr1e-2-s$seed       --method adamix-adapter --epochs 2 --seed $seed --lr 1e-2
     run short-adapter-lr1e-2-s$seed              --method adapter        --epochs 2 --seed $seed --lr 1e-2
