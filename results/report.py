@@ -34,19 +34,25 @@ def load(folder=HERE / "runs"):
 
 def baseline_of(group, groups=()):
     """The single module an AdaMix group is compared with: the one trained the same way where `groups` has it
-    (short-adamix-adapter-lr3e-3 -> short-adapter-lr3e-3: each method at the same learning rate), else the
+    (short-adamix-adapter-lr3e-3 -> short-adapter-lr3e-3: each method at the same learning rate; for
+    short-adamix-adapter-lr3e-3-unrouted-zero too, as the single module has no unrouted experts), else the
     experiment's default one (budget-adamix-adapter-lambda0 -> budget-adapter); None for a single module."""
-    m = re.fullmatch(r"(.+)-adamix-(adapter|lora)(-.*)?", group)
+    m = re.fullmatch(r"(.+)-adamix-(adapter|lora)(-lr[^-]+(?:-\d+)?)?(-.*)?", group)
     if not m:
         return None
-    same = f"{m[1]}-{m[2]}{m[3] or ''}"
-    return same if same in groups else f"{m[1]}-{m[2]}"
+    for same in (f"{m[1]}-{m[2]}{m[3] or ''}{m[4] or ''}", f"{m[1]}-{m[2]}{m[3] or ''}"):
+        if same in groups:
+            return same
+    return f"{m[1]}-{m[2]}"
 
 
 def variant_of(group):
-    """budget-adamix-adapter-lambda0 -> budget-adamix-adapter (the AdaMix run it changes one thing of); else None."""
-    m = re.fullmatch(r"(.+-adamix-(?:adapter|lora))-.+", group)
-    return m[1] if m else None
+    """The AdaMix run a variant changes one thing of (budget-adamix-adapter-lambda0 -> budget-adamix-adapter,
+    short-adamix-adapter-lr3e-3-unrouted-zero -> short-adamix-adapter-lr3e-3); None for a run that is no variant."""
+    m = re.fullmatch(r"(.+-adamix-(?:adapter|lora))(-lr[^-]+(?:-\d+)?)?(-.+)?", group)
+    if not m or not (m[2] or m[3]):
+        return None
+    return m[1] + (m[2] or "" if m[3] else "")  # a learning rate alone is paired with the default one
 
 
 def paired(runs, other, value):
@@ -62,15 +68,15 @@ VARIANTS = {"lambda0": "λ = 0 (no consistency loss)", "lambda10": "λ = 10", "u
 
 def label(group):
     """budget-adamix-adapter-lambda0 -> 'AdaMix adapter, λ = 0 (no consistency loss)', for legends."""
-    m = re.fullmatch(r"\w+?-(adamix-)?(adapter|lora)(?:-(.+))?", group)
+    m = re.fullmatch(r"\w+?-(adamix-)?(adapter|lora)(?:-lr([^-]+(?:-\d+)?))?(?:-(.+))?", group)
     if not m:
         return group
     name = ("AdaMix " if m[1] else "") + ("LoRA" if m[2] == "lora" else m[2])
-    if m[3]:
-        name += ", " + VARIANTS.get(m[3], m[3].replace("lr", "lr "))
+    if m[4]:
+        name += ", " + VARIANTS.get(m[4], m[4])
     elif m[1]:
         name += ", λ = 1"
-    return name
+    return name + (f", lr {m[3]}" if m[3] else "")
 
 
 def pct(xs):

@@ -64,9 +64,14 @@ short() {  # 3. the ablations, at the default run's budget (2 epochs), where Ada
   done
 }
 
-unrouted() {  # 2. the authors' update of unrouted experts at the default's budget, against short-adamix-adapter
+unrouted() {  # 2. the authors' update of unrouted experts at the default's budget, against short-adamix-adapter;
+              # then at lr 3e-3, the rate dev chose (does it add anything once the experts' step is large enough?)
   for seed in ${SEEDS:-0 1 2}; do
     run short-adamix-adapter-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --unrouted zero
+  done
+  for seed in ${SEEDS:-0 1 2}; do
+    run short-adamix-adapter-lr3e-3-unrouted-zero-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr 3e-3 \
+      --unrouted zero
   done
 }
 

@@ -45,12 +45,18 @@ def test_tables_pair_by_seed_and_use_the_sample_std(tmp_path):
     # a variant is also paired with the AdaMix default of its experiment: seeds 0 and 1 only
     assert report.variant_of("budget-adamix-adapter-lambda0") == "budget-adamix-adapter"
     assert report.variant_of("budget-adamix-adapter") is None and report.variant_of("budget-adapter") is None
+    # a change made at another learning rate is paired with AdaMix, and compared with the adapter, at that rate
+    assert report.variant_of("short-adamix-adapter-lr3e-3-unrouted-zero") == "short-adamix-adapter-lr3e-3"
+    assert report.variant_of("short-adamix-adapter-lr3e-3") == "short-adamix-adapter"
+    assert report.baseline_of("short-adamix-adapter-lr3e-3-unrouted-zero",
+                              {"short-adapter-lr3e-3": {}}) == "short-adapter-lr3e-3"
     for seed, mix in enumerate([0.71, 0.83]):
         fake_run(tmp_path, "budget-adamix-adapter", seed, mix, [0.5, 0.6, 0.7])
     table = report.summary_table(report.load(tmp_path))
     assert "| 2.67 ± 3.06 (seeds 0, 1, 2) | 2.00 ± 1.41 (seeds 0, 1) |" in table   # +1 and +3 points
     assert report.label("budget-adamix-adapter-lambda0") == "AdaMix adapter, λ = 0 (no consistency loss)"
     assert report.label("short-adapter-lr3e-3") == "adapter, lr 3e-3" and report.label("budget-lora") == "LoRA"
+    assert report.label("short-adamix-adapter-lr3e-3-m2") == "AdaMix adapter, M = 2, lr 3e-3"
     # merged minus the best single expert (expert 1, +3 points): -3.00 at every epoch
     assert "| budget-adamix-adapter-lambda0 (0) | 1 | 0.600 | 50.00 | 53.00 | -3.00 |" in report.expert_table(groups)
 
