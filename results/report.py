@@ -32,15 +32,18 @@ def load(folder=HERE / "runs"):
     return dict(groups)
 
 
+LR = r"-lr([^-]+(?:-\d+)?)"  # a learning rate in a run's name: short-adamix-adapter-lr3e-3-m2 -> "3e-3"
+
+
 def baseline_of(group, groups=()):
     """The single module an AdaMix group is compared with: the one trained the same way where `groups` has it
     (short-adamix-adapter-lr3e-3 -> short-adapter-lr3e-3: each method at the same learning rate; for
     short-adamix-adapter-lr3e-3-unrouted-zero too, as the single module has no unrouted experts), else the
     experiment's default one (budget-adamix-adapter-lambda0 -> budget-adapter); None for a single module."""
-    m = re.fullmatch(r"(.+)-adamix-(adapter|lora)(-lr[^-]+(?:-\d+)?)?(-.*)?", group)
+    m = re.fullmatch(rf"(.+)-adamix-(adapter|lora)((?:{LR})?)(-.*)?", group)
     if not m:
         return None
-    for same in (f"{m[1]}-{m[2]}{m[3] or ''}{m[4] or ''}", f"{m[1]}-{m[2]}{m[3] or ''}"):
+    for same in (f"{m[1]}-{m[2]}{m[3]}{m[5] or ''}", f"{m[1]}-{m[2]}{m[3]}"):
         if same in groups:
             return same
     return f"{m[1]}-{m[2]}"
@@ -49,10 +52,12 @@ def baseline_of(group, groups=()):
 def variant_of(group):
     """The AdaMix run a variant changes one thing of (budget-adamix-adapter-lambda0 -> budget-adamix-adapter,
     short-adamix-adapter-lr3e-3-unrouted-zero -> short-adamix-adapter-lr3e-3); None for a run that is no variant."""
-    m = re.fullmatch(r"(.+-adamix-(?:adapter|lora))(-lr[^-]+(?:-\d+)?)?(-.+)?", group)
-    if not m or not (m[2] or m[3]):
+    m = re.fullmatch(rf"(.+-adamix-(?:adapter|lora))((?:{LR})?)(-.+)?", group)
+    if not m or not (m[2] or m[4]):
         return None
-    return m[1] + (m[2] or "" if m[3] else "")  # a learning rate alone is paired with the default one
+    if not m[4]:  # a learning rate alone: paired with AdaMix at the default rate
+        return m[1]
+    return m[1] + m[2]
 
 
 def paired(runs, other, value):
@@ -68,7 +73,7 @@ VARIANTS = {"lambda0": "λ = 0 (no consistency loss)", "lambda10": "λ = 10", "u
 
 def label(group):
     """budget-adamix-adapter-lambda0 -> 'AdaMix adapter, λ = 0 (no consistency loss)', for legends."""
-    m = re.fullmatch(r"\w+?-(adamix-)?(adapter|lora)(?:-lr([^-]+(?:-\d+)?))?(?:-(.+))?", group)
+    m = re.fullmatch(rf"\w+?-(adamix-)?(adapter|lora)(?:{LR})?(?:-(.+))?", group)
     if not m:
         return group
     name = ("AdaMix " if m[1] else "") + ("LoRA" if m[2] == "lora" else m[2])
