@@ -5,7 +5,7 @@
 #   cp results/study.sh runs/ && nohup bash runs/study.sh budget > runs/study.log 2>&1 &   (a copy: bash reads
 #   a script while it runs it, so the original can then be edited safely); then python results/report.py
 #   PLAN=1 bash results/study.sh budget short ...   lists the parts' runs, each "done" or "todo", and runs nothing.
-# Common to all: all-MiniLM-L6-v2, movie reviews (mr), batch 32, lr 1e-3, adapter r 16, M 4, up shared.
+# Common to all: all-MiniLM-L6-v2, movie reviews (mr), batch 32, lr 1e-3, adapter r 16, M 4, up shared, fp32.
 set -u
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one core per run: torch's threads stall when another process
                                               # shares the cores; a second run or other work can use the other
@@ -27,8 +27,9 @@ run() {  # run NAME FLAGS...: train into runs/study/NAME, keep its metrics.json 
   local resume=""
   [ -e "runs/study/$name/ckpt.pt" ] && resume="--resume"  # a run that was stopped continues
   echo "=== $(date -u +%FT%TZ) $name: $* $resume"
-  # lr 1e-3 unless the run says otherwise (a later flag wins): the study began before the default became 3e-3
-  if python train.py --out_dir "runs/study/$name" --lr 1e-3 "$@" $resume; then
+  # lr 1e-3 unless the run says otherwise (a later flag wins): the study began before the default became 3e-3;
+  # fp32 always: its first runs were in fp32, and --precision auto picks bf16 on a CPU where bf16 is faster
+  if python train.py --out_dir "runs/study/$name" --lr 1e-3 --precision fp32 "$@" $resume; then
     cp "runs/study/$name/metrics.json" "results/runs/$name.json"
     python results/report.py > /dev/null  # the tables and figures always match the summaries beside them
     git add results/runs/"$name".json results/summary.md results/*.svg &&
