@@ -185,6 +185,28 @@ def lr_table(groups, prefix="short-", default_lr="1e-3"):
     return "\n\n".join(lines)
 
 
+def change_table(groups):
+    """Every variant against the AdaMix run it changes one thing of, paired by seed: on dev (the best epoch, the
+    split that decides) and on test, with how many seeds the change helped on test, and against the single module."""
+    rows = ["| AdaMix run | change | seeds | dev: change − AdaMix (paired) | test: change − AdaMix (paired) "
+            "| seeds better on test | test: change − single module (paired) |", "|---|---|---|---|---|---|---|"]
+    best_dev = lambda run: max(dev_curve(run))
+    for group, runs in sorted(groups.items()):
+        reference = variant_of(group)
+        if reference not in groups or not group.startswith(reference + "-"):  # none, or a learning rate alone
+            continue
+        other = groups[reference]
+        common = [s for s in sorted(runs) if s in other]
+        if not common:
+            continue
+        better = sum(test_merged(runs[s]) > test_merged(other[s]) for s in common)
+        single, _ = paired(runs, groups.get(baseline_of(group, groups), {}), test_merged)
+        change = group.removeprefix(reference + "-")  # short-adamix-adapter-lr3e-3-m2 -> m2
+        rows.append(f"| {reference} | {VARIANTS.get(change) or re.sub(r'^lr', 'lr ', change)} | {', '.join(map(str, common))} | {paired(runs, other, best_dev)[0]} | {paired(runs, other, test_merged)[0]} "
+                    f"| {better} of {len(common)} | {single} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def expert_table(groups):
     """Per epoch, for AdaMix runs with --track_experts: the experts' distance and merged - best single expert."""
     rows = ["| runs (seed) | epoch | down experts' distance | dev: merged | best single expert | merged − best single |",
@@ -313,6 +335,7 @@ def main():
     others = {g: runs for g, runs in groups.items() if not g.startswith(tuple(p for p, _ in experiments))}
     parts += ["## Other runs\n\n" + summary_table(others, groups) if others else "",
              "## The learning rate at 2 epochs, tuned on dev for each method\n\n" + lr_table(groups),
+             "## One change at a time, against the AdaMix run it changes (paired by seed)\n\n" + change_table(groups),
              "## Dev accuracy (merged) after every epoch, 10-epoch budget\n\n" + epoch_table(groups),
              "## The experts during training (runs with --track_experts)\n\n" + expert_table(groups)]
     (HERE / "summary.md").write_text("\n\n".join(p for p in parts if p and not p.endswith("\n\n")) + "\n")

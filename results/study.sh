@@ -79,8 +79,9 @@ unrouted() {  # 2. the authors' update of unrouted experts at the default's budg
 shortmore() {  # the rest of 3, one change at a time against AdaMix at lr 3e-3, the rate dev chose for it (at 1e-3
                # its experts are held back by their small share of the updates, which any change that adds
                # updates, such as fewer experts, would seem to cure)
-  lr1e2 0  # first, on one seed: is 3e-3 the top of the range for both methods? (the other seeds come last)
-  for seed in ${SEEDS:-0 1 2}; do
+  local seeds=${SEEDS:-0 1 2}
+  lr1e2 ${seeds%% *}  # first, on one seed: is 3e-3 the top of the range for both methods? (the others come last)
+  for seed in $seeds; do
     for change in "lambda0 --consistency 0" "m2 --experts 2" "identical --expert_init identical" \
                   "lambda10 --consistency 10" "m8 --experts 8" "sharedown --share down" "sharenone --share none"; do
       set -- $change  # the name's suffix, then the flags
@@ -88,8 +89,8 @@ shortmore() {  # the rest of 3, one change at a time against AdaMix at lr 3e-3, 
       run short-adamix-adapter-lr3e-3-$suffix-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr 3e-3 "$@"
     done
   done
-  lr1e2 ${SEEDS:-0 1 2}
-  for seed in ${SEEDS:-0 1 2}; do  # last: lr 3e-4, which 1e-3 < 3e-3 on every seed of both methods predicts is worse
+  [ "${seeds#* }" = "$seeds" ] || lr1e2 ${seeds#* }
+  for seed in $seeds; do  # last: lr 3e-4, which 1e-3 < 3e-3 on every seed of both methods predicts is worse
     run short-adamix-adapter-lr3e-4-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr 3e-4
     run short-adapter-lr3e-4-s$seed        --method adapter        --epochs 2 --seed $seed --lr 3e-4
   done

@@ -96,3 +96,16 @@ def test_each_method_gets_the_learning_rate_best_on_dev(tmp_path):
     assert "| adapter | 3e-3 | 0, 1, 2 | 85.67 ± 11.55 | 93.00 ± 5.20 |" in table
     assert "AdaMix adapter, λ = 1 at lr 3e-3, adapter at lr 1e-3" in table
     assert "(paired, seeds 0, 1): 2.50 ± 0.71 points" in table                   # +2 and +3 points
+
+
+def test_each_change_is_paired_with_the_adamix_run_it_changes(tmp_path):
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "short-adamix-adapter-lr3e-3", seed, 0.80, [0.70, 0.80])
+    for seed, (test, dev) in enumerate([(0.82, 0.81), (0.79, 0.83)]):  # seeds 0 and 1 only
+        fake_run(tmp_path, "short-adamix-adapter-lr3e-3-m2", seed, test, [0.60, dev])
+        fake_run(tmp_path, "short-adapter-lr3e-3", seed, 0.81, [0.80, 0.80])
+    table = report.change_table(report.load(tmp_path))
+    # dev +1 and +3 points, test +2 and -1, against the adapter at the same rate +1 and -2
+    assert ("| short-adamix-adapter-lr3e-3 | M = 2 | 0, 1 | 2.00 ± 1.41 | 0.50 ± 2.12 | 1 of 2 | -0.50 ± 2.12 |"
+            in table)
+    assert len(table.splitlines()) == 3  # the reference and the single module are no changes
