@@ -157,7 +157,6 @@ def epoch_table(groups, prefix="budget-"):
 def lr_table(groups, prefix="short-", default_lr="1e-3"):
     """Each method at every learning rate run (dev at the chosen epoch, test), and at the one that is best on
     dev (mean over seeds): the comparison of two methods each tuned on dev, never on test."""
-    best_dev = lambda run: max(dev_curve(run))
     rows = ["| method | lr | seeds | dev there | test: merged |", "|---|---|---|---|---|"]
     tuned = {}
     for method in ("adapter", "adamix-adapter", "lora", "adamix-lora"):
@@ -185,25 +184,33 @@ def lr_table(groups, prefix="short-", default_lr="1e-3"):
     return "\n\n".join(lines)
 
 
+def changes(groups):
+    """(group, the AdaMix run it changes one thing of, the change's name, the seeds both have) for every variant."""
+    for group, runs in sorted(groups.items()):
+        reference = variant_of(group)
+        if reference not in groups or not group.startswith(reference + "-"):  # none, or a learning rate alone
+            continue
+        common = [s for s in sorted(runs) if s in groups[reference]]
+        change = group.removeprefix(reference + "-")  # short-adamix-adapter-lr3e-3-m2 -> m2
+        if common:
+            yield group, reference, VARIANTS.get(change) or re.sub(r"^lr", "lr ", change), common
+
+
+def best_dev(run):
+    return max(dev_curve(run))
+
+
 def change_table(groups):
     """Every variant against the AdaMix run it changes one thing of, paired by seed: on dev (the best epoch, the
     split that decides) and on test, with how many seeds the change helped on test, and against the single module."""
     rows = ["| AdaMix run | change | seeds | dev: change − AdaMix (paired) | test: change − AdaMix (paired) "
             "| seeds better on test | test: change − single module (paired) |", "|---|---|---|---|---|---|---|"]
-    best_dev = lambda run: max(dev_curve(run))
-    for group, runs in sorted(groups.items()):
-        reference = variant_of(group)
-        if reference not in groups or not group.startswith(reference + "-"):  # none, or a learning rate alone
-            continue
-        other = groups[reference]
-        common = [s for s in sorted(runs) if s in other]
-        if not common:
-            continue
+    for group, reference, change, common in changes(groups):
+        runs, other = groups[group], groups[reference]
         better = sum(test_merged(runs[s]) > test_merged(other[s]) for s in common)
         single, _ = paired(runs, groups.get(baseline_of(group, groups), {}), test_merged)
-        change = group.removeprefix(reference + "-")  # short-adamix-adapter-lr3e-3-m2 -> m2
-        rows.append(f"| {reference} | {VARIANTS.get(change) or re.sub(r'^lr', 'lr ', change)} | {', '.join(map(str, common))} | {paired(runs, other, best_dev)[0]} | {paired(runs, other, test_merged)[0]} "
-                    f"| {better} of {len(common)} | {single} |")
+        rows.append(f"| {reference} | {change} | {', '.join(map(str, common))} | {paired(runs, other, best_dev)[0]} "
+                    f"| {paired(runs, other, test_merged)[0]} | {better} of {len(common)} | {single} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
@@ -319,6 +326,29 @@ def figures(groups, plt):
         ax.legend(fontsize=8)
         save(fig, "fig_fewshot.svg")
         written.append("fig_fewshot.svg")
+    # (d) the ablations at a glance: each change minus the AdaMix run it changes, per seed, on dev and on test
+    short = [c for c in changes(groups) if c[0].startswith("short-")]
+    if short:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(short) + 1.6), sharey=True)
+        names = [f"{change} ({re.search(LR, ref)[1] if re.search(LR, ref) else '1e-3'})"
+                 for _, ref, change, _ in short]
+        for ax, (split, value) in zip(axes, [("dev (best epoch)", best_dev), ("test", test_merged)]):
+            for y, (group, ref, _, common) in enumerate(short):
+                d = [100 * (value(groups[group][s]) - value(groups[ref][s])) for s in common]
+                ax.plot(d, [y] * len(d), "o", color="tab:blue", alpha=0.5, markersize=4)
+                ax.plot([statistics.mean(d)], [y], "|", color="tab:blue", markersize=14, markeredgewidth=2)
+                single = groups.get(baseline_of(group, groups), {})
+                if split == "test" and all(s in single for s in common):  # where the single module stands
+                    ax.plot([statistics.mean(100 * (test_merged(single[s]) - test_merged(groups[ref][s]))
+                                             for s in common)], [y], "x", color="black")
+            ax.axvline(0, color="gray", linewidth=0.8)
+            ax.set(xlabel=f"{split}: change − AdaMix (points)")
+        axes[0].set_yticks(range(len(short)), names)
+        axes[0].invert_yaxis()
+        fig.suptitle("2 epochs: each change minus the AdaMix run (lr in brackets) it changes; dots: seeds, bars: "
+                     "means, x: the single adapter at the change's lr", fontsize=9)
+        save(fig, "fig_changes.svg")
+        written.append("fig_changes.svg")
     return written
 
 

@@ -67,9 +67,12 @@ def test_figures_are_written(tmp_path, monkeypatch):
         fake_run(tmp_path, "budget-adapter", seed, 0.8, [0.6, 0.7])
         fake_run(tmp_path, "budget-adamix-adapter", seed, 0.8, [0.6, 0.7], tracked=True)
         fake_run(tmp_path, "fewshot-k16-adapter", seed, 0.6, [0.6])
+        fake_run(tmp_path, "short-adamix-adapter-lr3e-3", seed, 0.8, [0.7, 0.8])
+        fake_run(tmp_path, "short-adamix-adapter-lr3e-3-m2", seed, 0.81, [0.7, 0.82])
     monkeypatch.setattr(report, "HERE", tmp_path)
-    assert report.figures(report.load(tmp_path), plt) == ["fig_budget.svg", "fig_experts.svg", "fig_fewshot.svg"]
-    assert all((tmp_path / name).read_text().startswith("<?xml") for name in ("fig_budget.svg", "fig_fewshot.svg"))
+    names = ["fig_budget.svg", "fig_experts.svg", "fig_fewshot.svg", "fig_changes.svg"]
+    assert report.figures(report.load(tmp_path), plt) == names
+    assert all((tmp_path / name).read_text().startswith("<?xml") for name in names)
 
 
 def test_the_plan_counts_the_summaries_that_exist():
