@@ -235,7 +235,7 @@ PARTS = {"budget": "1. adapter against AdaMix adapter, 10 epochs, seeds 0-2",
          "lora": "1. LoRA against AdaMix LoRA, 10 epochs, seeds 0-2",
          "short": "3. the learning rate at the default's 2 epochs, both methods, seeds 0-2",
          "unrouted": "2. the authors' update of unrouted experts at 2 epochs, seeds 0-2",
-         "shortmore": "3. lr 1e-2 for both; the other ablations at 2 epochs and lr 3e-3, one change each; seeds 0-2",
+         "shortmore": "3. lr 1e-2 for both, 3e-2 for the adapter; the other ablations at 2 epochs and lr 3e-3, one change each; seeds 0-2",
          "fewshot": "4. K = 16, 64, 256 examples per class, seeds 0-4"}
 
 
