@@ -45,8 +45,11 @@ budget() {  # 1. 10 epochs, dev after each: adapter against AdaMix (every expert
   done
 }
 
-noconsistency() {  # 5. the experts without the consistency loss (lambda = 0), 10 epochs as in budget, seed 0
-  run budget-adamix-adapter-lambda0-s0 --method adamix-adapter --epochs 10 --seed 0 --track_experts --consistency 0
+noconsistency() {  # 5. the experts without the consistency loss (lambda = 0), 10 epochs as in budget, paired by seed
+  for seed in ${SEEDS:-0 1 2}; do
+    run budget-adamix-adapter-lambda0-s$seed --method adamix-adapter --epochs 10 --seed $seed --track_experts \
+      --consistency 0
+  done
 }
 
 ablate() {  # 2. the authors' update of unrouted experts over 10 epochs, seed 0 (the 2-epoch runs in shortmore first)
