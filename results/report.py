@@ -68,7 +68,7 @@ def paired(runs, other, value):
 
 VARIANTS = {"lambda0": "λ = 0 (no consistency loss)", "lambda10": "λ = 10", "unrouted-zero": "the authors' update "
             "of unrouted experts", "identical": "identical expert init", "m2": "M = 2", "m8": "M = 8",
-            "sharedown": "down shared", "sharenone": "nothing shared"}
+            "sharedown": "down shared", "sharenone": "nothing shared", "bf16": "bf16 autocast"}
 
 
 def label(group):
@@ -230,9 +230,10 @@ def expert_table(groups):
 
 
 PARTS = {"budget": "1. adapter against AdaMix adapter, 10 epochs, seeds 0-2",
-         "noconsistency": "5. the experts without the consistency loss (λ = 0), 10 epochs, seed 0",
+         "noconsistency": "5. the experts without the consistency loss (λ = 0), 10 epochs, seeds 0-2",
          "ablate": "2. the authors' update of unrouted experts over 10 epochs, seed 0",
-         "lora": "1. LoRA against AdaMix LoRA, 10 epochs, seeds 0-2",
+         "lora": "1. LoRA against AdaMix LoRA, 10 epochs, seeds 0-2, both in bf16 autocast",
+         "bf16": "the default run (2 epochs, lr 3e-3) and the adapter in bf16 autocast against fp32, seeds 0-2",
          "short": "3. the learning rate at the default's 2 epochs, both methods, seeds 0-2",
          "unrouted": "2. the authors' update of unrouted experts at 2 epochs, seeds 0-2",
          "shortmore": "3. lr 1e-2 for both, 3e-2 for the adapter; the other ablations at 2 epochs and lr 3e-3, one change each; seeds 0-2",
@@ -270,18 +271,23 @@ def figures(groups, plt):
     plt.rcParams["svg.hashsalt"] = "adamix"  # the same SVG for the same data: small diffs in git
     save = lambda fig, name: (fig.tight_layout(), fig.savefig(HERE / name, metadata={"Date": None}), plt.close(fig))
     written = []
-    # (a) the budget: dev accuracy per epoch, adapter against AdaMix merged / random expert / expert 0
-    if "budget-adapter" in groups and "budget-adamix-adapter" in groups:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        band(ax, [dev_curve(r) for r in groups["budget-adapter"].values()], "adapter", color="black")
-        adamix = groups["budget-adamix-adapter"].values()
-        for mode, color in [("merged", "tab:blue"), ("random", "tab:orange"), ("expert:0", "tab:green")]:
-            curves = [c for c in (dev_curve(r, mode) for r in adamix) if c]
-            if curves:
-                band(ax, curves, f"AdaMix adapter, {mode}", color=color, linestyle="-" if mode == "merged" else "--")
-        ax.set(xlabel="epoch", ylabel="dev accuracy (%)",
-               title="MiniLM on movie reviews, 10 epochs (bands: min to max over seeds)")
-        ax.legend(fontsize=8)
+    # (a) the budget: dev accuracy per epoch, the single module against AdaMix merged / random expert / expert 0,
+    # one panel per module that has both runs (the adapter in fp32, LoRA in bf16 autocast)
+    panels = [(single, mix) for single, mix in [("budget-adapter", "budget-adamix-adapter"),
+                                                ("budget-lora-bf16", "budget-adamix-lora-bf16")]
+              if single in groups and mix in groups]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), sharey=True, squeeze=False)
+        for ax, (single, mix) in zip(axes[0], panels):
+            band(ax, [dev_curve(r) for r in groups[single].values()], label(single), color="black")
+            for mode, color in [("merged", "tab:blue"), ("random", "tab:orange"), ("expert:0", "tab:green")]:
+                curves = [c for c in (dev_curve(r, mode) for r in groups[mix].values()) if c]
+                if curves:
+                    band(ax, curves, f"{label(mix).removesuffix(', λ = 1')}, {mode}", color=color,
+                         linestyle="-" if mode == "merged" else "--")
+            ax.set(xlabel="epoch", ylabel="dev accuracy (%)")
+            ax.legend(fontsize=8)
+        fig.suptitle("MiniLM on movie reviews, 10 epochs (bands: min to max over seeds)")
         save(fig, "fig_budget.svg")
         written.append("fig_budget.svg")
     # (b) why merging works: the experts' distance and merged minus the best single expert, per epoch

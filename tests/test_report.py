@@ -57,6 +57,11 @@ def test_tables_pair_by_seed_and_use_the_sample_std(tmp_path):
     assert report.label("budget-adamix-adapter-lambda0") == "AdaMix adapter, λ = 0 (no consistency loss)"
     assert report.label("short-adapter-lr3e-3") == "adapter, lr 3e-3" and report.label("budget-lora") == "LoRA"
     assert report.label("short-adamix-adapter-lr3e-3-m2") == "AdaMix adapter, M = 2, lr 3e-3"
+    # runs in bf16 autocast are compared with the single module in bf16 (where it exists), and a bf16 run at
+    # the default's rate is a change of the fp32 run at that rate
+    assert report.baseline_of("budget-adamix-lora-bf16", {"budget-lora-bf16": {}}) == "budget-lora-bf16"
+    assert report.variant_of("short-adamix-adapter-lr3e-3-bf16") == "short-adamix-adapter-lr3e-3"
+    assert report.label("budget-lora-bf16") == "LoRA, bf16 autocast"
     # merged minus the best single expert (expert 1, +3 points): -3.00 at every epoch
     assert "| budget-adamix-adapter-lambda0 (0) | 1 | 0.600 | 50.00 | 53.00 | -3.00 |" in report.expert_table(groups)
 
@@ -66,6 +71,8 @@ def test_figures_are_written(tmp_path, monkeypatch):
     for seed in (0, 1):
         fake_run(tmp_path, "budget-adapter", seed, 0.8, [0.6, 0.7])
         fake_run(tmp_path, "budget-adamix-adapter", seed, 0.8, [0.6, 0.7], tracked=True)
+        fake_run(tmp_path, "budget-lora-bf16", seed, 0.8, [0.6, 0.7])  # a second panel in fig_budget
+        fake_run(tmp_path, "budget-adamix-lora-bf16", seed, 0.8, [0.6, 0.7], tracked=True)
         fake_run(tmp_path, "fewshot-k16-adapter", seed, 0.6, [0.6])
         fake_run(tmp_path, "short-adamix-adapter-lr3e-3", seed, 0.8, [0.7, 0.8])
         fake_run(tmp_path, "short-adamix-adapter-lr3e-3-m2", seed, 0.81, [0.7, 0.82])
