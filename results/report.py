@@ -26,8 +26,8 @@ MODES = ["merged", "random", "expert:0", "ensemble"]
 def load(folder=HERE / "runs"):
     """{group: {seed: run}} from every results/runs/<group>-s<seed>.json."""
     groups = defaultdict(dict)
-    numbers_first = lambda path: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.stem)]
-    for path in sorted(folder.glob("*.json"), key=numbers_first):  # fewshot-k16, -k64, -k256, in that order
+    by_number = lambda path: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.stem)]
+    for path in sorted(folder.glob("*.json"), key=by_number):  # digits as numbers: k16, k64, k256 in that order
         group, seed = re.fullmatch(r"(.+)-s(\d+)", path.stem).groups()
         groups[group][int(seed)] = json.loads(path.read_text())
     return dict(groups)
