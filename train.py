@@ -66,7 +66,7 @@ class TrainConfig:
     grad_clip: float = 1.0            # 0 turns clipping off
     label_smoothing: float = 0.0      # E2E / WebNLG: 0.1
     seed: int = 0                     # data order, dropout, new heads and the routing generator
-    precision: str = "auto"           # auto: bf16 autocast on CUDA with bf16, and on a CPU whose bf16 matmul is faster than fp32 (timed at start); else fp32
+    precision: str = "auto"           # auto: bf16 autocast on CUDA with bf16 and on a CPU that reports AVX512-BF16, AMX-BF16 or ARM BF16, else fp32; --resume: the run's own
     unrouted: str = "skip"            # an expert not routed in a step: skip (grad None, AdamW leaves it) | zero (the authors' trainer: grad 0, AdamW moves it by its momentum and decays it)
     kshot: int = 0                    # few-shot: train on this many examples per class, drawn by seed (0: all); dev and test unchanged
     # evaluation and output
@@ -225,20 +225,19 @@ def make_optimizer(net, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def cpu_bf16_is_fast(n=256, tries=5):
-    """A timing probe: does a bf16 matmul beat fp32 on this CPU? CPUs with native bf16 (x86 AVX512-BF16 or
-    AMX, ARM BF16) run it 1.5-3x faster; without, torch emulates it, 10-100x slower (measured: 20x for a
-    whole AdaMix step on a 2-core AMD EPYC with AVX2 only). Best of `tries` runs each, a few ms in all."""
-    def best(dtype):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up
-        times = []
-        for _ in range(tries):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(torch.bfloat16) < best(torch.float32)
+def cpu_has_native_bf16(capabilities=None):
+    """Does this processor report bf16 arithmetic in hardware? x86: AVX512-BF16 or AMX-BF16; ARM: the BF16
+    extension (NEON or SVE). Decided from what the processor reports, never from a timing, so every process
+    of a run (a forked child, a resumed run) decides the same. Without it torch emulates bf16, 10-100x slower
+    than fp32. In doubt (an older torch without the detection, an unknown architecture): False, so fp32."""
+    try:
+        caps = capabilities if capabilities is not None else torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # torch older than the detection: ask the two older functions
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return any(caps.get(flag) is True for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
 def resolve_precision(choice, device):
@@ -247,7 +246,7 @@ def resolve_precision(choice, device):
         return choice
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_bf16_is_fast() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast(precision, device):
@@ -398,7 +397,7 @@ def load_small_state(net, state, cfg):
 
 def load_checkpoint(path, device, keys, cfg=None, world=1):
     """ckpt.pt or model.pt, with every key in `keys`. With cfg (--resume): refused unless the flags equal the
-    stored ones, except MAY_CHANGE_ON_RESUME, and the number of ranks is the same (it fixes the data order)."""
+    stored ones, except MAY_CHANGE_ON_RESUME and --precision auto (the run's own), and the number of ranks is the same (it fixes the data order)."""
     if not path.exists():
         raise UserError(f"{path} does not exist" + (": nothing to resume, start without --resume" if cfg else ""))
     with user_errors():
@@ -409,8 +408,9 @@ def load_checkpoint(path, device, keys, cfg=None, world=1):
         raise UserError(f"{path}: not a checkpoint of this train.py (no {', '.join(missing)})")
     if cfg is not None:
         stored, now = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}, dataclasses.asdict(cfg)
+        same = lambda k, v: stored[k] == v or (k == "precision" and v == "auto")  # auto: the run's own
         if differ := [f"--{k} {stored[k]!r} (now {v!r})" for k, v in now.items()
-                      if k not in MAY_CHANGE_ON_RESUME and stored[k] != v]:
+                      if k not in MAY_CHANGE_ON_RESUME and not same(k, v)]:
             raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run with its own "
                             "flags; pass the same ones, or start a new run in another --out_dir")
         if len(ckpt["rng"]) != world:
@@ -456,9 +456,15 @@ def main(cfg):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    out_dir = Path(cfg.out_dir)
+    ckpt = None
+    if cfg.resume:  # the flags are checked against the run's own before anything else loads
+        ckpt = load_checkpoint(out_dir / "ckpt.pt", device, "run_id config step best history losses weights "
+                               "optimizer rng router", cfg, world)
+        if cfg.precision == "auto":  # continue in the precision the run was trained in
+            cfg = dataclasses.replace(cfg, precision=ckpt["config"].get("precision", "auto"))
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     ctx = autocast(cfg.precision, device)
-    out_dir = Path(cfg.out_dir)
     if master:  # a folder we cannot write fails now, not at the first checkpoint after an epoch of training
         with user_errors(f"--out_dir {out_dir}"):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -506,8 +512,6 @@ def main(cfg):
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
     if cfg.resume:
         path = out_dir / "ckpt.pt"
-        ckpt = load_checkpoint(path, device, "run_id config step best history losses weights optimizer rng router",
-                               cfg, world)
         with user_errors(path, (ValueError, RuntimeError, KeyError)):  # weights that do not fit the model
             load_small_state(net, ckpt["weights"], cfg)
             optimizer.load_state_dict(ckpt["optimizer"])

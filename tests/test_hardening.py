@@ -379,8 +379,13 @@ def run_forked(config, kill_after=None):
     return os.WIFSIGNALED(status), time.time() - t0
 
 
-def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path, monkeypatch,
+                                                                             native_bf16):
+    """With --precision auto (the default), on a processor with native bf16 and on one without: every
+    process of the run, forked and resumed, trains in the same precision and ends bit-identical."""
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # it would warn about the fork
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
     kw = dict(epochs=3, batch_size=16, log_interval=1)  # 6 steps an epoch, a checkpoint after each
     _, seconds = run_forked(cfg(tiny, tmp_path / "straight", **kw))  # training and test, after loading
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
@@ -400,6 +405,7 @@ def test_kill_9_at_random_moments_then_resume_ends_like_an_uninterrupted_run(tin
         kills.append(f"{kill_after:.3f} s after loading, from step {round(done * total)}")
     assert kills and resumed, f"no kill landed: kills {kills}, runs resumed {resumed}"
     got = json.loads((out / "metrics.json").read_text())
+    assert got["precision"] == straight["precision"] == ("bf16" if native_bf16 else "fp32")
     assert got["test"] == straight["test"], kills
     assert [(h["step"], h["dev"], h["train_loss"]) for h in got["history"]] == \
         [(h["step"], h["dev"], h["train_loss"]) for h in straight["history"]], kills

@@ -280,9 +280,9 @@ def test_unrouted_zero_resumes_exactly(sst2, tmp_path):
 
 def test_precision_choices(monkeypatch):
     assert train.resolve_precision("fp32", "cpu") == "fp32" and train.resolve_precision("bf16", "cpu") == "bf16"
-    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: True)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.resolve_precision("auto", "cpu") == "bf16"
-    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
     assert train.resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert train.resolve_precision("auto", "cuda:0") == "bf16"
@@ -290,12 +290,65 @@ def test_precision_choices(monkeypatch):
     assert isinstance(train.autocast("fp32", "cpu"), train.nullcontext)
 
 
-def test_bf16_probe_compares_two_timings(monkeypatch):
-    """The probe says bf16 is fast exactly when the bf16 matmul took less time than the fp32 one."""
-    for bf16_s, fp32_s, fast in [(1.0, 2.0, True), (2.0, 1.0, False)]:
-        clock = iter([0.0, bf16_s] * 5 + [0.0, fp32_s] * 5)
-        monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-        assert train.cpu_bf16_is_fast(n=8, tries=5) is fast
+@pytest.mark.parametrize("reported, native", [
+    (dict(architecture="x86_64", avx2=True, avx512_bf16=True, amx_bf16=False), True),
+    (dict(architecture="x86_64", avx2=True, avx512_bf16=False, amx_bf16=True, amx_tile=True), True),
+    (dict(architecture="x86_64", avx2=True, avx512_f=True, avx512_bf16=False, amx_bf16=False), False),
+    (dict(architecture="x86_64", avx512_bf16=False, amx_tile=True), False),  # tiles without bf16
+    (dict(architecture="aarch64", neon=True, bf16=True), True),
+    (dict(architecture="aarch64", neon=True, bf16=False, sve=True, sve_bf16=True), True),
+    (dict(architecture="aarch64", neon=True, bf16=False), False),
+    (dict(architecture="riscv64"), False),  # nothing known: fp32
+])
+def test_auto_precision_follows_what_the_processor_reports(monkeypatch, reported, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: reported)
+    assert train.cpu_has_native_bf16() is native
+    assert train.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+
+
+def test_auto_precision_falls_back_to_fp32_when_torch_cannot_tell(monkeypatch):
+    def missing():
+        raise AttributeError("no detection in this torch")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", missing)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", missing)
+    assert train.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train.cpu_has_native_bf16() is True
+
+
+def test_auto_precision_is_the_same_in_a_forked_child():
+    """The decision reads the processor, not a clock: a forked child (as in the kill-and-resume test, or
+    a data loader) decides exactly as its parent, whatever the load on the machine."""
+    parent = [train.resolve_precision("auto", "cpu") for _ in range(3)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        answer = ",".join(train.resolve_precision("auto", "cpu") for _ in range(3))
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        child = f.read().split(",")
+    os.waitpid(pid, 0)
+    assert child == parent and len(set(parent)) == 1
+
+
+@pytest.mark.parametrize("stored, native", [("bf16", False), ("fp32", True)])
+def test_resume_with_auto_continues_in_the_runs_own_precision(sst2, tmp_path, monkeypatch, stored, native):
+    """A run stopped in one precision and resumed with --precision auto on a processor that would choose
+    the other (another machine, say) continues in its own; an explicit other precision is refused."""
+    ckpt, glue = sst2
+    kw = dict(epochs=1, stop_after=1, eval_limit=20)
+    assert train.main(config(ckpt, glue, tmp_path, precision=stored, **kw)) is None
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    resumed = train.main(config(ckpt, glue, tmp_path, precision="auto", resume=True, epochs=1, eval_limit=20))
+    assert resumed["precision"] == stored and resumed["config"]["precision"] == stored
+    train.main(config(ckpt, glue, tmp_path / "other", precision=stored, **kw))
+    other = {"bf16": "fp32", "fp32": "bf16"}[stored]
+    with pytest.raises(train.UserError, match=f"--precision '{stored}' \\(now '{other}'\\)"):
+        train.main(config(ckpt, glue, tmp_path / "other", precision=other, resume=True, epochs=1))
 
 
 def test_bf16_training_on_the_cpu_is_close_to_fp32(sst2, tmp_path):
