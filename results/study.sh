@@ -140,5 +140,27 @@ fewshot() {  # 4. K examples per class drawn by seed from train; dev and test un
   done; done; done
 }
 
+mixreg() {  # 6. mixture or regulariser, at the default run's budget (2 epochs, lr 3e-3, bf16), 5 seeds, paired:
+            # the single adapter with the consistency loss alone (two dropout passes, lambda 1, no experts), the
+            # adapter and AdaMix (seeds 3 and 4 added to part bf16's 0-2), then the adapter with as many
+            # forward/backward passes as AdaMix (twice the steps: 4 epochs; matched compute)
+  for seed in ${SEEDS:-0 1 2 3 4}; do
+    run short-adapter-lr3e-3-bf16-consistency-s$seed --method adapter --epochs 2 --seed $seed --lr 3e-3 \
+      --precision bf16 --consistency 1
+    run short-adapter-lr3e-3-bf16-s$seed        --method adapter        --epochs 2 --seed $seed --lr 3e-3 --precision bf16
+    run short-adamix-adapter-lr3e-3-bf16-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr 3e-3 --precision bf16
+  done
+  for seed in ${SEEDS:-0 1 2 3 4}; do
+    run short-adapter-lr3e-3-bf16-steps2x-s$seed --method adapter --epochs 4 --seed $seed --lr 3e-3 --precision bf16
+  done
+}
+
+mixreglora() {  # 6. the same question where AdaMix won (part lora: 10 epochs, lr 1e-3, bf16): LoRA with the
+                # consistency loss alone, against budget-lora-bf16 and budget-adamix-lora-bf16
+  for seed in ${SEEDS:-0 1 2}; do
+    run budget-lora-bf16-consistency-s$seed --method lora --epochs 10 --seed $seed --precision bf16 --consistency 1
+  done
+}
+
 for part in "${@:-budget}"; do "$part"; done  # bash results/study.sh [PART...]: parts in order; two processes
                                               # (each with its own parts) can run side by side
