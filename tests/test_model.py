@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import threading
+import types
 import zipfile
 from pathlib import Path
 
@@ -240,6 +241,43 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(name):
         for i, p in enumerate(prompts):
             alone = model.generate(m, torch.tensor([p]), 8, **kw)
             assert batch[i, T:].tolist() == alone[0, len(p):].tolist()
+
+
+class CountingLM(torch.nn.Module):
+    """A stub decoder whose next-token probabilities depend only on how many A's the sequence holds:
+        A's so far   P(A)   P(B)   P(EOS)     (token 0 is the prompt, never drawn)
+        0            0.40   0.10   0.50
+        1 or 2       0.90   0.05   0.05
+        3            0.05   0.05   0.90
+    Two beams end with two finished hypotheses: EOS (log 0.5 = -0.69, 1 new token) and A A A EOS
+    (log 0.4 + 3 log 0.9 = -1.23, 4 new tokens). The short one has the higher sum; the long one wins
+    only after length normalisation, -1.23 / 4 = -0.31 > -0.69 (length_penalty 1). Its cache holds
+    the tokens so far, so generate's reordering of cache rows is exercised too."""
+    A, B, EOS = 1, 2, 3
+    PROBS = torch.tensor([[0.0, 0.40, 0.10, 0.50], [0.0, 0.90, 0.05, 0.05], [0.0, 0.90, 0.05, 0.05],
+                          [0.0, 0.05, 0.05, 0.90]])
+    config = types.SimpleNamespace(decoder=True, model_type="stub")
+    blocks = [None]  # one cache entry
+
+    def forward(self, ids, attention_mask=None, cache=None):
+        if cache is not None:
+            ids = ids if cache[0] is None else torch.cat([cache[0][0], ids], dim=1)
+            cache[0] = (ids, ids)
+        return (ids == self.A).cumsum(1)[..., None]  # (B, T) -> (B, T, 1): A's so far
+
+    def lm_logits(self, hidden):
+        return self.PROBS[hidden[..., 0].clamp(max=3)].log()  # (B, 1) -> (B, V)
+
+
+def test_beam_search_normalises_finished_hypotheses_by_length():
+    lm, prompt, short, long = CountingLM(), torch.tensor([[0]]), [0] + [3] * 4, [0, 1, 1, 1, 3]
+    for use_cache in [True, False]:
+        pick = lambda penalty: model.generate(lm, prompt, 6, num_beams=2, length_penalty=penalty,
+                                              eos_token_id=lm.EOS, use_cache=use_cache)[0].tolist()
+        assert pick(1.0) == long  # -1.23 / 4 beats -0.69 / 1 (a product, -1.23 * 4, would not)
+        assert pick(0.0) == short  # no normalisation: the higher sum wins
+        assert model.generate(lm, prompt.repeat(2, 1), 6, num_beams=2, eos_token_id=lm.EOS,
+                              use_cache=use_cache).tolist() == [long, long]
 
 
 def test_encoder_cannot_generate():
