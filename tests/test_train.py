@@ -437,23 +437,24 @@ def test_the_printed_comparison_keeps_every_flag_but_the_mixture():
 def small(tmp_path_factory):
     """A tiny BERT without dropout and a small synthetic SST-2 (6 steps an epoch at batch 16)."""
     root = tmp_path_factory.mktemp("small")
-    return tiny_checkpoint(root / "ckpt", dropout=0.0), synthetic_sst2(root / "glue", n_train=96, n_test=32)
+    ckpt = tiny_checkpoint(root / "ckpt", dropout=0.0)
+    return ckpt, synthetic_sst2(root / "glue", n_train=96, n_test=32)
 
 
-def train_split(small, seed=0):
-    """The training examples train.main reads for `small` (the dev part is held out of SST-2's train.tsv)."""
-    ckpt, glue = small
-    task = data.load_task("sst2", modeling.load_tokenizer(ckpt), glue, max_len=16)
-    return task.splits["train"], task.pad_id
+def schedule(step, total, lr, warmup_steps):
+    """The schedule as the README states it: linear warm-up to lr, then linear decay to 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * (total - step) / (total - warmup_steps)
 
 
 @pytest.mark.parametrize("warmup, warmup_steps", [(0.1, 10), (0.25, 25), (7, 7), (0, 0)])
 def test_the_learning_rate_warms_up_linearly_then_decays_linearly_to_zero(warmup, warmup_steps):
-    """warmup: a fraction of all steps (< 1) or a number of steps (>= 1). lr(s) = lr (s + 1) / w for
-    s < w, then lr (total - s) / (total - w): it reaches lr at the end of warm-up and 0 after the last step."""
+    """--warmup is a fraction of all steps (< 1) or a number of steps (>= 1). The rate reaches lr at
+    the end of the warm-up and 0 after the last step."""
     total, cfg = 100, train.TrainConfig(lr=2e-3, warmup=warmup)
     for s in range(total + 1):
-        expected = 2e-3 * ((s + 1) / warmup_steps if s < warmup_steps else (total - s) / (total - warmup_steps))
+        expected = schedule(s, total, 2e-3, warmup_steps)
         assert train.get_lr(s, total, cfg) == pytest.approx(expected, rel=1e-12, abs=1e-15), s
     if warmup_steps:
         assert train.get_lr(warmup_steps - 1, total, cfg) == pytest.approx(2e-3)  # the peak
@@ -462,23 +463,24 @@ def test_the_learning_rate_warms_up_linearly_then_decays_linearly_to_zero(warmup
 
 
 def test_every_step_trains_with_the_scheduled_learning_rate(small, tmp_path, monkeypatch):
-    """The loop sets get_lr's value on every parameter group before the step (warm-up, then decay)."""
+    """The loop gives get_lr's value to every parameter group before the step."""
     seen, real = [], train.optimizer_step
-    monkeypatch.setattr(train, "optimizer_step", lambda opt, params, cfg: seen.append(
-        [g["lr"] for g in opt.param_groups]) or real(opt, params, cfg))
-    cfg = config(*small, tmp_path / "out", epochs=2, warmup=4, lr=1e-2)
-    train.main(cfg)
+
+    def record(opt, params, cfg):
+        seen.append([group["lr"] for group in opt.param_groups])
+        real(opt, params, cfg)
+    monkeypatch.setattr(train, "optimizer_step", record)
+    train.main(config(*small, tmp_path / "out", epochs=2, warmup=4, lr=1e-2))
     total = 12  # 2 epochs of 6 steps
-    expected = [1e-2 * ((s + 1) / 4 if s < 4 else (total - s) / (total - 4)) for s in range(total)]
     assert len(seen) == total
     for s, lrs in enumerate(seen):
-        assert lrs == pytest.approx([expected[s]] * len(lrs)), s
+        assert lrs == pytest.approx([schedule(s, total, 1e-2, 4)] * len(lrs)), s
 
 
 def test_accumulated_gradients_are_the_mean_over_micro_batches(small, tmp_path, monkeypatch):
-    """A loss with a known gradient: n * sum(trainable weights), n the micro-batch's examples, has gradient
-    n for every weight. Accumulated over a step's micro-batches, each loss divided by their number, the
-    gradient is their mean n, also at an epoch's end where fewer micro-batches are left."""
+    """A loss with a known gradient: n * sum(trainable weights), n the micro-batch's examples, has
+    gradient n for every weight. Accumulated over a step's micro-batches, each loss divided by their
+    number, the gradient is their mean n, also at an epoch's end where fewer are left."""
     sizes, grads = [], []
 
     def known_loss(net, router, batch, cfg, kind):
@@ -490,22 +492,25 @@ def test_accumulated_gradients_are_the_mean_over_micro_batches(small, tmp_path, 
         opt.zero_grad()
     monkeypatch.setattr(train, "training_loss", known_loss)
     monkeypatch.setattr(train, "optimizer_step", record)
-    train.main(config(*small, tmp_path / "out", epochs=1, batch_size=5, grad_accum=4, eval_limit=4,
-                      precision="fp32"))
+    cfg = config(*small, tmp_path / "out", epochs=1, batch_size=5, grad_accum=4, eval_limit=4,
+                 precision="fp32")
+    train.main(cfg)
     steps = [sizes[i:i + 4] for i in range(0, len(sizes), 4)]
-    assert len(steps[-1]) < 4 and len(set(sizes)) > 1  # a leftover step and micro-batches of two sizes
+    assert len(steps[-1]) < 4  # a leftover step
+    assert len(set(sizes)) > 1  # micro-batches of two sizes
     assert len(grads) == len(steps)
     for got, micro in zip(grads, steps):
         assert len(got) == 1 and got.pop() == pytest.approx(sum(micro) / len(micro)), micro
 
 
 def test_the_epoch_best_on_dev_is_saved_and_tested_not_the_last(small, tmp_path, monkeypatch):
-    """Dev accuracy peaks after epoch 1 of 3 (a stub evaluate): model.pt holds epoch 1's weights, and the
-    test split is evaluated with them, in every mode."""
+    """Dev accuracy peaks after epoch 1 of 3 (a stub evaluate): model.pt holds epoch 1's weights,
+    and the test split is evaluated with them, in every mode."""
     dev_scores, at_dev, at_test = iter([0.9, 0.5, 0.7]), [], []
 
     def stub(net, router, examples, task, cfg, mode, ctx, device):
-        weights = {k: v.clone() for k, v in adamix.adamix_state_dict(net, head="head", router=False).items()}
+        state = adamix.adamix_state_dict(net, head="head", router=False)
+        weights = {k: v.clone() for k, v in state.items()}
         if examples is task.splits["test"]:
             at_test.append(weights)
             return {"accuracy": 0.0}
@@ -514,27 +519,36 @@ def test_the_epoch_best_on_dev_is_saved_and_tested_not_the_last(small, tmp_path,
     monkeypatch.setattr(train, "evaluate", stub)
     results = train.main(config(*small, tmp_path / "out", epochs=3))
     assert [h["best"] for h in results["history"]] == [True, False, False]
-    assert len(at_dev) == 3 and len(at_test) == 4  # merged, random, expert:0, ensemble
-    assert any(not torch.equal(at_dev[0][k], at_dev[2][k]) for k in at_dev[0])  # it trained on after epoch 1
+    assert len(at_dev) == 3
+    assert len(at_test) == 4  # merged, random, expert:0, ensemble
+    first, last = at_dev[0], at_dev[2]
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # it trained on after epoch 1
     best = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
-    assert best["step"] == 6 and best["weights"].keys() == at_dev[0].keys()
+    assert best["step"] == 6 and best["weights"].keys() == first.keys()
     for weights in [best["weights"]] + at_test:
-        assert all(torch.equal(weights[k], at_dev[0][k]) for k in at_dev[0])
+        assert all(torch.equal(weights[k], first[k]) for k in first)
 
 
 def test_every_epoch_has_its_own_shuffle_drawn_from_seed_plus_epoch(small, tmp_path, monkeypatch):
-    """The batches of epoch e are make_batches(shuffle, seed + e): different in each epoch, and the same
-    after a restart (the order depends only on the seed and the epoch)."""
+    """The batches of epoch e are make_batches(shuffle, seed + e): different in each epoch, and the
+    same after a restart (the order depends only on the seed and the epoch)."""
     seen, real = [], train.training_loss
-    monkeypatch.setattr(train, "training_loss", lambda net, router, batch, *a: seen.append(
-        batch["input_ids"].clone()) or real(net, router, batch, *a))
+
+    def record(net, router, batch, *args):
+        seen.append(batch["input_ids"].clone())
+        return real(net, router, batch, *args)
+    monkeypatch.setattr(train, "training_loss", record)
     seed = 3
     train.main(config(*small, tmp_path / "out", epochs=2, seed=seed, consistency=0.0))
-    examples, pad_id = train_split(small)
+    ckpt, glue = small
+    task = data.load_task("sst2", modeling.load_tokenizer(ckpt), glue, max_len=16)
     for epoch in (0, 1):
-        expected = [b["input_ids"] for b in data.make_batches(examples, 16, shuffle=True, seed=seed + epoch,
-                                                              pad_id=pad_id)]
+        batches = data.make_batches(task.splits["train"], 16, shuffle=True, seed=seed + epoch,
+                                    pad_id=task.pad_id)
+        expected = [b["input_ids"] for b in batches]
         got = seen[epoch * len(expected):(epoch + 1) * len(expected)]
-        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected)), epoch
+        assert len(got) == len(expected), epoch
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), epoch
     half = len(seen) // 2
-    assert len(seen) == 2 * half and any(not torch.equal(a, b) for a, b in zip(seen[:half], seen[half:]))
+    assert len(seen) == 2 * half
+    assert any(not torch.equal(a, b) for a, b in zip(seen[:half], seen[half:]))
