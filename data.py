@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from model import CACHE_DIR, download_url, pip_download
+from formats import CACHE_DIR, download_url, pip_download
 
 IGNORE_INDEX = -100      # a label torch's cross_entropy skips: LM context and padding
 CLASSIFY_MAX_LEN = 128   # tokens per classification example (the official GLUE scripts: max len 128)

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # adamix.py and model.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # adamix.py, export.py, formats.py
 import adamix  # noqa: E402
-import model as modeling  # noqa: E402 (only for write/read_safetensors and export_peft)
+import export  # noqa: E402 (export_peft)
+import formats  # noqa: E402 (read_safetensors)
 
 VOCAB, T, C, CLASSES = 20, 12, 32, 2
 
@@ -99,9 +100,9 @@ def main(out_dir, steps=150, seed=0):
     print("unwrapped into a plain TinyEncoder: same logits")
 
     # 6. export a PEFT LoRA adapter (your module names; the head saved whole) and apply it by hand
-    folder = modeling.export_peft(fresh, out_dir / "peft", head="head")
+    folder = export.export_peft(fresh, out_dir / "peft", head="head")
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    tensors = modeling.read_safetensors(folder / "adapter_model.safetensors")
+    tensors = formats.read_safetensors(folder / "adapter_model.safetensors")
     served = TinyEncoder()
     state = dict(pretrained)
     for t in cfg["target_modules"]:

@@ -17,7 +17,7 @@ from tokenizers.processors import TemplateProcessing
 
 from conftest import SHARED
 import data
-import model
+import formats
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<|endoftext|>"]
 WORDS = "a b c d e good bad film name : Aromi | eatType pub is the".split()
@@ -287,7 +287,7 @@ def test_e2e_shared_files(tok):
     for name, lines, mrs in [("valid.txt", 4672, 547), ("test.txt", 4693, 630)]:
         groups = data.read_e2e(SHARED / "data" / "e2e" / name)
         assert (sum(len(r) for _, r in groups), len(groups)) == (lines, mrs)
-        assert model.sha256_of(SHARED / "data" / "e2e" / name) == data.E2E_FILES[name]  # the pinned hashes
+        assert formats.sha256_of(SHARED / "data" / "e2e" / name) == data.E2E_FILES[name]  # the pinned hashes
     task = data.load_task("e2e", tok, data_dir=SHARED / "data" / "e2e")
     assert len(task.texts["train"]) + len(task.texts["dev"]) == 547 and len(task.prompts["test"]) == 630
     assert not {mr for mr, _ in task.texts["train"]} & {mr for mr, _ in task.texts["dev"]}
@@ -299,7 +299,7 @@ def test_e2e_download_from_a_local_server(tok, tmp_path, server, monkeypatch):
     www, url = server
     (www / "valid.txt").write_text("".join(f"name : {w}||{w} is a pub . \n" for w in "abcdefghij"))
     (www / "test.txt").write_text("name : Aromi||Aromi is a pub . \nname : Aromi||a pub \n")
-    monkeypatch.setattr(data, "E2E_FILES", {f: model.sha256_of(www / f) for f in ("valid.txt", "test.txt")})
+    monkeypatch.setattr(data, "E2E_FILES", {f: formats.sha256_of(www / f) for f in ("valid.txt", "test.txt")})
     task = data.load_task("e2e", tok, base_url=url, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache" / "e2e").iterdir()) == ["test.txt", "valid.txt"]
     assert task.texts["test"] == [("name : Aromi", ["Aromi is a pub .", "a pub"])]

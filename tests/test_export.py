@@ -1,4 +1,4 @@
-"""model.export_peft and model.write_safetensors, checked against the PEFT LoRA format as specified.
+"""export.export_peft and formats.write_safetensors, checked against the PEFT LoRA format as specified.
 
 The oracle applies the exported folder the way PEFT does, by hand and in Hugging Face names: read
 adapter_config.json and adapter_model.safetensors (with the project's reader), add
@@ -13,20 +13,22 @@ import pytest
 import torch
 
 import adamix
+import export
+import formats
 import model
 from conftest import FIXTURES
-from test_safetensors import sample_tensors
+from test_formats import sample_tensors
 
 FAMILIES = {"tiny-bert": 3, "tiny-roberta": 2, "tiny-gpt2": None, "tiny-llama": None}  # fixture -> its classifier (None: an LM)
 
 
 def test_write_then_read_round_trips_every_dtype(tmp_path):
     tensors = sample_tensors()
-    model.write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    formats.write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
     raw = (tmp_path / "x.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt"}
-    got = model.read_safetensors(tmp_path / "x.safetensors")
+    got = formats.read_safetensors(tmp_path / "x.safetensors")
     assert got.keys() == tensors.keys()
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
@@ -36,7 +38,7 @@ def apply_peft(folder, hf_state):
     """PEFT's merge, by hand from the format: W += (alpha_m / r_m) B A per target module m."""
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["bias"] == "none" and not config["use_rslora"]
-    tensors = model.read_safetensors(folder / "adapter_model.safetensors")
+    tensors = formats.read_safetensors(folder / "adapter_model.safetensors")
     state, done = dict(hf_state), set()
     for key, t in tensors.items():
         assert key.startswith("base_model.model."), key
@@ -85,8 +87,8 @@ def logits(net, ids):
 ])
 def test_exported_peft_adapter_applied_to_the_checkpoint_gives_the_merged_logits(tmp_path, name, targets, experts, share):
     net, _ = build(name, targets, experts, share)
-    folder = model.export_peft(net, tmp_path / "adapter", base_model_name_or_path="tiny")
-    hf_state, _ = model.read_checkpoint(FIXTURES / name)
+    folder = export.export_peft(net, tmp_path / "adapter", base_model_name_or_path="tiny")
+    hf_state, _ = formats.read_checkpoint(FIXTURES / name)
     config = model.ModelConfig.from_json(FIXTURES / name / "config.json")
     plain = model.Transformer(config, FAMILIES[name])
     model.load_weights(plain, model.hf_to_ours(apply_peft(folder, hf_state), config.model_type), folder)
@@ -107,11 +109,11 @@ def test_exported_peft_adapter_applied_to_the_checkpoint_gives_the_merged_logits
 
 def test_gpt2_q_and_v_become_one_lora_of_twice_the_rank_on_c_attn(tmp_path):
     net, _ = build("tiny-gpt2", ["*.attn.query", "*.attn.value"], 4, "up")
-    folder = model.export_peft(net, tmp_path / "adapter")
+    folder = export.export_peft(net, tmp_path / "adapter")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["target_modules"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
     assert config["r"] == 6
-    tensors = model.read_safetensors(folder / "adapter_model.safetensors")
+    tensors = formats.read_safetensors(folder / "adapter_model.safetensors")
     b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
     C = net.config.n_embd
     assert b.shape == (3 * C, 6) and torch.equal(b[C:2 * C], torch.zeros(C, 6))  # k: no update
@@ -122,8 +124,8 @@ def test_export_refuses_adapters_and_folded_lora(tmp_path):
     net = model.from_pretrained(FIXTURES / "tiny-bert")
     adamix.add_adamix(net, ["*.mlp.fc_out"], "adapter")
     with pytest.raises(ValueError, match="LoRA"):
-        model.export_peft(net, tmp_path / "a")
+        export.export_peft(net, tmp_path / "a")
     net, _ = build("tiny-bert", ["*.attn.query"], 2, "up")
     adamix.fold_lora(net)
     with pytest.raises(ValueError, match="unfold_lora"):
-        model.export_peft(net, tmp_path / "b")
+        export.export_peft(net, tmp_path / "b")

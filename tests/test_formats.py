@@ -1,4 +1,4 @@
-"""model.read_safetensors: round trips through an independent writer, clear errors, and fuzzing."""
+"""formats.read_safetensors: round trips through an independent writer, clear errors, and fuzzing."""
 import json
 import struct
 import tempfile
@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import model
+import formats
 
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -42,7 +42,7 @@ def sample_tensors():
 
 def test_round_trip_every_dtype_and_shape(tmp_path):
     tensors = sample_tensors()
-    got = model.read_safetensors(write_safetensors(tmp_path / "a.safetensors", tensors))
+    got = formats.read_safetensors(write_safetensors(tmp_path / "a.safetensors", tensors))
     assert got.keys() == tensors.keys()
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
@@ -54,7 +54,7 @@ def test_truncated_file(tmp_path, cut, message):
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[:cut])
     with pytest.raises(ValueError, match=message) as e:
-        model.read_safetensors(path)
+        formats.read_safetensors(path)
     assert str(path) in str(e.value)
 
 
@@ -70,7 +70,7 @@ def test_truncated_file(tmp_path, cut, message):
 def test_bad_header_fields(tmp_path, fields, message):
     path = write_safetensors(tmp_path / "bad.safetensors", sample_tensors(), {"w": fields})
     with pytest.raises(ValueError, match=message) as e:
-        model.read_safetensors(path)
+        formats.read_safetensors(path)
     assert str(path) in str(e.value)
 
 
@@ -78,7 +78,7 @@ def test_header_not_json(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(struct.pack("<Q", 5) + b"{nope")
     with pytest.raises(ValueError, match="not valid JSON"):
-        model.read_safetensors(path)
+        formats.read_safetensors(path)
 
 
 def read_or_value_error(data):
@@ -87,7 +87,7 @@ def read_or_value_error(data):
         path = Path(tmp) / "fuzz.safetensors"
         path.write_bytes(data)
         try:
-            tensors = model.read_safetensors(path)
+            tensors = formats.read_safetensors(path)
         except ValueError as e:
             assert str(path) in str(e)
             return None
