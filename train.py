@@ -35,57 +35,109 @@ import data
 import model as modeling
 
 
+def flag(default, **rules):
+    """A TrainConfig field with what the checks need to know about it. check: the rule its value
+    follows, in the words of the error message (RULES, at the bottom, tests it); choices: the values
+    allowed; on_resume="may change": --resume accepts another value (every other flag must be the
+    run's own); adamix_only: left out of the single-module command printed after an AdaMix run."""
+    return dataclasses.field(default=default, metadata=rules)
+
+
 @dataclass
 class TrainConfig:
+    """The defaults, grouped as `python train.py --help` shows them. A comment line after a blank
+    line is the title of a group; the comment after a field, continued on the lines indented under
+    it, is the field's help."""
+
     # what to train
-    model: str = "minilm"             # a local checkpoint folder, "minilm" (built in) or a hub id
-    task: str = "mr"                  # "mr" (built in), a GLUE task (sst2, mnli, ...) or "e2e"
-    data_dir: str | None = None       # folder with the GLUE task folders or the e2e files
-    method: str = "adamix-adapter"    # baselines: one adapter, one LoRA, the head alone, everything (full)
-    # the adaptation modules (defaults: the official BERT/RoBERTa GLUE scripts)
-    experts: int = 4                  # M; ignored by the single-module baselines
-    bottleneck: int = 16              # adapter bottleneck r (RoBERTa-large GLUE: 16, BERT-base: 48)
-    lora_rank: int = 8                # LoRA rank r (GPT-2 E2E: 4)
-    lora_alpha: float = 16.0          # LoRA scale alpha (GPT-2 E2E: 32)
-    lora_dropout: float = 0.1         # dropout on the LoRA input (GPT-2 E2E: 0.1)
-    share: str = "up"                 # which side is shared by all experts: up | down | none
-    expert_init: str = "independent"  # independent draws per expert (paper) | identical copies of one draw
-    consistency: float = -1.0         # lambda of the consistency loss; -1: 1 for AdaMix, 0 for baselines (GPT-2: 100)
-    consistency_kind: str = "kl_sg"   # kl_sg (official, stop-gradient) | kl | mse (regression)
-    batched_views: bool = False       # run the two views as one forward of 2B examples
-    differ_routes: bool = False       # the two views never take the same route in a mixture (paper: independent draws)
-    # optimisation (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
-    lr: float = 3e-3                  # chosen on dev for the 2-epoch default run, for AdaMix and the adapter (README: results)
-    weight_decay: float = 0.1         # not applied to biases and LayerNorm weights
-    warmup: float = 0.06              # a fraction of all steps, or a number of steps if >= 1
-    epochs: int = 2                   # the paper trains 20-40 epochs; the default run is a CPU demo
-    max_steps: int = 0                # stop after this many optimiser steps (0: run all epochs)
-    batch_size: int = 32              # per rank and micro-step; out of memory? halve it, double grad_accum
-    grad_accum: int = 1               # micro-steps per optimiser step
-    max_len: int = 64                 # tokens per example (GLUE 128, E2E 512); MR sentences are short
-    grad_clip: float = 1.0            # 0 turns clipping off
-    label_smoothing: float = 0.0      # E2E / WebNLG: 0.1
-    seed: int = 0                     # data order, dropout, new heads and the routing generator
-    precision: str = "auto"           # auto: bf16 autocast on CUDA with bf16 and on a CPU that reports AVX512-BF16, AMX-BF16 or ARM BF16, else fp32; --resume: the run's own
-    unrouted: str = "skip"            # an expert not routed in a step: skip (grad None, AdamW leaves it) | zero (the authors' trainer: grad 0, AdamW moves it by its momentum and decays it)
-    kshot: int = 0                    # few-shot: train on this many examples per class, drawn by seed (0: all); dev and test unchanged
+    model: str = flag("minilm", check="a non-empty string")
+        # a local checkpoint folder, "minilm" (built in) or a hub id
+    task: str = flag("mr", check="a non-empty string")
+        # "mr" (built in), a GLUE task (sst2, mnli, ...) or "e2e"
+    data_dir: str | None = None  # folder with the GLUE task folders or the e2e files
+    method: str = flag("adamix-adapter", adamix_only=True, choices=[
+        "adamix-adapter", "adamix-lora", "adapter", "lora", "head-only", "full"])
+        # baselines: one adapter, one LoRA, the head alone, everything (full)
+
+    # adaptation modules
+    # (defaults: the official BERT/RoBERTa GLUE scripts)
+    experts: int = flag(4, check=">= 1", adamix_only=True)
+        # M; ignored by the single-module baselines
+    bottleneck: int = flag(16, check=">= 1")
+        # adapter bottleneck r (RoBERTa-large GLUE: 16, BERT-base: 48)
+    lora_rank: int = flag(8, check=">= 1")  # LoRA rank r (GPT-2 E2E: 4)
+    lora_alpha: float = flag(16.0, check="> 0")  # LoRA scale alpha (GPT-2 E2E: 32)
+    lora_dropout: float = flag(0.1, check="in [0, 1)")  # dropout on the LoRA input (GPT-2 E2E: 0.1)
+    share: str = flag("up", choices=["up", "down", "none"], adamix_only=True)
+        # which side is shared by all experts: up | down | none
+    expert_init: str = flag("independent", choices=["independent", "identical"], adamix_only=True)
+        # independent draws per expert (paper) | identical copies of one draw
+    consistency: float = flag(-1.0, check=">= 0, or -1 for the method's default", adamix_only=True)
+        # lambda of the consistency loss; -1: 1 for AdaMix, 0 for baselines (GPT-2: 100)
+    consistency_kind: str = flag("kl_sg", choices=["kl_sg", "kl", "mse"], adamix_only=True)
+        # kl_sg (official, stop-gradient) | kl | mse (regression)
+    batched_views: bool = flag(False, adamix_only=True)
+        # run the two views as one forward of 2B examples
+    differ_routes: bool = flag(False, adamix_only=True)
+        # the two views never take the same route in a mixture (paper: independent draws)
+
+    # optimisation (out of memory? lower batch_size and raise grad_accum)
+    # (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
+    lr: float = flag(3e-3, check="> 0")
+        # chosen on dev for the 2-epoch default run, for AdaMix and the adapter (README: results)
+    weight_decay: float = flag(0.1, check=">= 0")  # not applied to biases and LayerNorm weights
+    warmup: float = flag(0.06, check=">= 0")
+        # a fraction of all steps, or a number of steps if >= 1
+    epochs: int = flag(2, check=">= 0")
+        # the paper trains 20-40 epochs; the default run is a CPU demo
+    max_steps: int = flag(0, check=">= 0")
+        # stop after this many optimiser steps (0: run all epochs)
+    batch_size: int = flag(32, check=">= 1")
+        # per rank and micro-step; out of memory? halve it, double grad_accum
+    grad_accum: int = flag(1, check=">= 1")  # micro-steps per optimiser step
+    max_len: int = flag(64, check=">= 1")
+        # tokens per example (GLUE 128, E2E 512); MR sentences are short
+    grad_clip: float = flag(1.0, check=">= 0")  # 0 turns clipping off
+    label_smoothing: float = flag(0.0, check="in [0, 1)")  # E2E / WebNLG: 0.1
+    seed: int = flag(0, check="in [0, 2^63)")
+        # data order, dropout, new heads and the routing generator
+    precision: str = flag("auto", choices=["auto", "fp32", "bf16"])
+        # auto: bf16 autocast on CUDA with bf16 and on a CPU that reports AVX512-BF16, AMX-BF16
+        # or ARM BF16, else fp32; --resume: the run's own
+    unrouted: str = flag("skip", choices=["skip", "zero"], adamix_only=True)
+        # an expert not routed in a step: skip (grad None, AdamW leaves it) | zero (the authors'
+        # trainer: grad 0, AdamW moves it by its momentum and decays it)
+    kshot: int = flag(0, check=">= 0")
+        # few-shot: train on this many examples per class, drawn by seed (0: all); dev and test
+        # unchanged
+
     # evaluation and output
-    eval_batch_size: int = 128
-    beam: int = 10                    # E2E decoding (paper: beam 10, length penalty 0.8, no repeated 4-grams)
-    length_penalty: float = 0.8
-    no_repeat_ngram: int = 4
-    max_new_tokens: int = 64
-    eval_limit: int = 0               # evaluate on at most this many examples per split (0: all), for quick looks
-    track_experts: bool = False       # AdaMix: after every epoch also evaluate dev with a random expert and with each expert alone
-    test_modes: str = ""              # comma-separated inference modes to test (default: all that apply); E2E on a CPU: merged
-    log_interval: int = 20
-    out_dir: str = "out"
-    resume: bool = False              # continue from out_dir/ckpt.pt
-    stop_after: int = 0               # stop (as if killed) after this many steps; tests use it for --resume
-    device: str = "auto"              # auto | cpu | cuda
+    eval_batch_size: int = flag(128, check=">= 1", on_resume="may change")
+    beam: int = flag(10, check=">= 1", on_resume="may change")
+        # E2E decoding (paper: beam 10, length penalty 0.8, no repeated 4-grams)
+    length_penalty: float = flag(0.8, on_resume="may change")
+    no_repeat_ngram: int = flag(4, check=">= 0", on_resume="may change")
+    max_new_tokens: int = flag(64, check=">= 1", on_resume="may change")
+    eval_limit: int = flag(0, check=">= 0", on_resume="may change")
+        # evaluate on at most this many examples per split (0: all), for quick looks
+    track_experts: bool = flag(False, on_resume="may change", adamix_only=True)
+        # AdaMix: after every epoch also evaluate dev with a random expert and with each expert
+        # alone
+    test_modes: str = flag("", on_resume="may change", adamix_only=True,
+                           check="empty, or comma-separated merged, random, ensemble, expert:<k>")
+        # comma-separated inference modes to test (default: all that apply); E2E on a CPU: merged
+    log_interval: int = flag(20, check=">= 1", on_resume="may change", adamix_only=True)
+    out_dir: str = flag("out", check="a non-empty string", on_resume="may change", adamix_only=True)
+    resume: bool = flag(False, on_resume="may change", adamix_only=True)
+        # continue from out_dir/ckpt.pt
+    stop_after: int = flag(0, check=">= 0", on_resume="may change", adamix_only=True)
+        # stop (as if killed) after this many steps; tests use it for --resume
+    device: str = flag("auto", choices=["auto", "cpu", "cuda"], on_resume="may change")
+        # auto | cpu | cuda
 
 
-PRESETS = {  # the paper's configurations (the authors' scripts); pass --task and --data_dir with them
+# the paper's configurations (the authors' scripts); pass --task and --data_dir with them
+PRESETS = {
     "roberta-large-glue": dict(model="roberta-large", method="adamix-adapter", experts=4, bottleneck=16,
                                share="up", lr=3e-4, epochs=20, batch_size=64, max_len=128, consistency=1.0),
     "bert-base-glue": dict(model="bert-base-uncased", method="adamix-adapter", experts=4, bottleneck=48,
@@ -94,93 +146,6 @@ PRESETS = {  # the paper's configurations (the authors' scripts); pass --task an
                             lora_alpha=32.0, lora_dropout=0.1, share="up", lr=2e-4, epochs=20, batch_size=8,
                             max_len=512, warmup=2000, label_smoothing=0.1, consistency=100.0),
 }
-GROUPS = {  # argparse groups, in the order of the dataclass
-    "what to train": "model task data_dir method",
-    "adaptation modules": "experts bottleneck lora_rank lora_alpha lora_dropout share expert_init consistency "
-                          "consistency_kind batched_views differ_routes",
-    "optimisation (out of memory? lower batch_size and raise grad_accum)":
-        "lr weight_decay warmup epochs max_steps batch_size grad_accum max_len grad_clip label_smoothing seed "
-        "precision unrouted kshot",
-    "evaluation and output": "eval_batch_size beam length_penalty no_repeat_ngram max_new_tokens eval_limit "
-                             "track_experts test_modes log_interval out_dir resume stop_after device",
-}
-
-
-CHOICES = dict(method=["adamix-adapter", "adamix-lora", "adapter", "lora", "head-only", "full"],
-               share=["up", "down", "none"], consistency_kind=["kl_sg", "kl", "mse"], device=["auto", "cpu", "cuda"],
-               expert_init=["independent", "identical"], precision=["auto", "fp32", "bf16"], unrouted=["skip", "zero"])
-CHECKS = [  # (flags, test, what they must be): every flag's range, checked by check_config before anything loads
-    ("experts bottleneck lora_rank batch_size grad_accum max_len eval_batch_size beam max_new_tokens log_interval",
-     lambda v: v >= 1, ">= 1"),
-    ("epochs max_steps kshot eval_limit stop_after no_repeat_ngram weight_decay warmup grad_clip", lambda v: v >= 0,
-     ">= 0"),
-    ("lr lora_alpha", lambda v: v > 0, "> 0"),
-    ("lora_dropout label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("consistency", lambda v: v >= 0 or v == -1, ">= 0, or -1 for the method's default"),
-    ("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),  # numpy seeds must be >= 0
-    ("model task out_dir", lambda v: v.strip() != "", "a non-empty string"),
-    ("test_modes", lambda v: v == "" or all(re.fullmatch(r"merged|random|ensemble|expert:\d+", m) for m in v.split(",")),
-     "empty, or comma-separated merged, random, ensemble, expert:<k>"),
-]
-MAY_CHANGE_ON_RESUME = {  # where to write, what to print, how much and how to evaluate; every other flag must match
-    "out_dir", "resume", "stop_after", "log_interval", "device", "eval_batch_size", "eval_limit", "track_experts",
-    "beam", "length_penalty", "no_repeat_ngram", "max_new_tokens", "test_modes"}
-
-
-class UserError(Exception):
-    """A bad flag, file or state: `python train.py` prints the message as one line, no traceback, and exits 1."""
-
-
-def check_config(cfg):
-    """Every flag's type (that of its default; floats finite), choice and range, before anything is loaded."""
-    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (str, type(None))}
-    for f in dataclasses.fields(cfg):  # argparse gives the right types; a caller of main() may not
-        v, ok = getattr(cfg, f.name), kinds[type(f.default)]
-        if type(v) not in ok or (type(v) is float and not math.isfinite(v)):
-            raise UserError(f"--{f.name} {v!r}: expected {'a finite number' if float in ok else ok[0].__name__}")
-    bad = [f"--{n} {getattr(cfg, n)!r}: must be {must}" for names, ok, must in CHECKS for n in names.split()
-           if not ok(getattr(cfg, n))]
-    bad += [f"--{n} {getattr(cfg, n)!r}: choose one of {', '.join(c)}" for n, c in CHOICES.items()
-            if getattr(cfg, n) not in c]
-    if cfg.epochs == 0 and cfg.max_steps == 0:
-        bad.append("--epochs 0 and --max_steps 0: nothing to train")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        bad.append("--device cuda: torch sees no CUDA device")
-    if bad:
-        raise UserError("; ".join(bad))
-
-
-@contextmanager
-def user_errors(where=None, kinds=(ValueError, OSError)):
-    """While the user's files are read, these errors are the user's to fix: re-raised as UserError. data.py and
-    model.py name the file and line in their messages; `where` names it for errors that do not."""
-    try:
-        yield
-    except kinds as e:
-        raise UserError(f"{where}: {e}" if where else str(e)) from e
-
-
-
-def parse_args(argv=None):
-    """Defaults from TrainConfig, then a --preset, then the flags given on the command line. The help
-    of each flag is the comment next to its field in TrainConfig, so the defaults are documented once."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's configurations")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    comments = dict(re.findall(r"^    (\w+): [^#\n]*# ?(.*)$", inspect.getsource(TrainConfig), re.M))
-    for title, names in GROUPS.items():
-        g = p.add_argument_group(title)
-        for name in names.split():
-            default, help = fields[name].default, f"{comments.get(name, '')} (default: {fields[name].default})"
-            if isinstance(default, bool):
-                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
-            else:
-                g.add_argument(f"--{name}", type=type(default) if default is not None else str, default=None,
-                               choices=CHOICES.get(name), help=help)
-    args = vars(p.parse_args(argv))
-    overrides = PRESETS.get(args.pop("preset"), {})
-    overrides.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**overrides)
 
 
 # -----------------------------------------------------------------------------
@@ -409,36 +374,14 @@ def load_checkpoint(path, device, keys, cfg=None, world=1):
     if cfg is not None:
         stored, now = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}, dataclasses.asdict(cfg)
         same = lambda k, v: stored[k] == v or (k == "precision" and v == "auto")  # auto: the run's own
+        may_change = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("on_resume")}
         if differ := [f"--{k} {stored[k]!r} (now {v!r})" for k, v in now.items()
-                      if k not in MAY_CHANGE_ON_RESUME and not same(k, v)]:
+                      if k not in may_change and not same(k, v)]:
             raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run with its own "
                             "flags; pass the same ones, or start a new run in another --out_dir")
         if len(ckpt["rng"]) != world:
             raise UserError(f"{path} was made by {len(ckpt['rng'])} ranks, not {world}: resume it with as many")
     return ckpt
-
-
-def check_fits(net, task, cfg):
-    """Every example of the splits this run reads fits the model, so that nothing fails after training: its
-    length within the positions, its token types within type_vocab_size (token ids against vocab_size are
-    checked when the tokenizer loads); for E2E, each test prompt plus --max_new_tokens within the positions."""
-    n, types = net.max_positions, net.config.type_vocab_size
-    if task.kind == "lm" and not net.config.decoder:
-        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2, Llama), "
-                        f"not {net.config.model_type}")
-    for split in ("train", "dev", "test"):
-        longest = max(len(e["input_ids"]) for e in task.splits[split])
-        if longest > n:
-            raise UserError(f"{split} split: an example of {longest} tokens, but {cfg.model} has {n} positions: "
-                            f"use --max_len {n} or less")
-        top = max((int(e["token_type_ids"].max(initial=0)) for e in task.splits[split] if "token_type_ids" in e),
-                  default=0)
-        if net.wtt is not None and top >= types:
-            raise UserError(f"{split} split: token type {top}, but {cfg.model} has type_vocab_size {types}: "
-                            "a tokenizer of another model family?")
-    if task.kind == "lm" and (longest := max(map(len, task.prompts["test"]))) + cfg.max_new_tokens > n:
-        raise UserError(f"test split: a prompt of {longest} tokens plus --max_new_tokens {cfg.max_new_tokens} "
-                        f"is more than the {n} positions of {cfg.model}; lower --max_new_tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -649,8 +592,131 @@ def main(cfg):
     return results
 
 
-ADAMIX_ONLY = ("method experts share expert_init consistency consistency_kind batched_views differ_routes unrouted "
-               "track_experts test_modes out_dir resume stop_after log_interval").split()
+def save_atomic_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# flags, files and the data's fit to the model: all checked before the first step
+
+class UserError(Exception):
+    """A bad flag, file or state: `python train.py` prints the message as one line, no traceback,
+    and exits 1."""
+
+
+@contextmanager
+def user_errors(where=None, kinds=(ValueError, OSError)):
+    """While the user's files are read, these errors are the user's to fix: re-raised as UserError.
+    data.py and model.py name the file and line in their messages; `where` names it for errors that
+    do not."""
+    try:
+        yield
+    except kinds as e:
+        raise UserError(f"{where}: {e}" if where else str(e)) from e
+
+
+def parse_args(argv=None):
+    """Defaults from TrainConfig, then a --preset, then the flags given on the command line. The
+    help of each flag is the comment next to its field in TrainConfig, so the defaults are
+    documented once."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's configurations")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    groups, comments = flag_help()
+    for title, names in groups.items():
+        g = p.add_argument_group(title)
+        for name in names:
+            default = fields[name].default
+            help = f"{comments[name]} (default: {default})"
+            if isinstance(default, bool):
+                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=help)
+            else:
+                g.add_argument(f"--{name}", type=type(default) if default is not None else str,
+                               default=None, choices=fields[name].metadata.get("choices"), help=help)
+    args = vars(p.parse_args(argv))
+    overrides = PRESETS.get(args.pop("preset"), {})
+    overrides.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**overrides)
+
+
+def flag_help():
+    """--help's groups and texts, read from TrainConfig's source (its docstring says how).
+    -> ({group title: [flag names]}, {flag name: help})"""
+    groups, comments, after_blank = {}, {}, False
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if field := re.fullmatch(r"    (\w+): [^#]*(?:# ?(.*))?", line):
+            name = field[1]
+            comments[name] = field[2] or ""
+            groups[title].append(name)
+        elif more := re.fullmatch(r"        # ?(.*)", line):  # the field's comment, continued
+            comments[name] = f"{comments[name]} {more[1]}".strip()
+        elif (heading := re.fullmatch(r"    # ?(.*)", line)) and after_blank:
+            title = heading[1]
+            groups[title] = []
+        after_blank = line.strip() == ""
+    return groups, comments
+
+
+RULES = {  # check= in TrainConfig: the rule in the words of the error message -> its test
+    ">= 1": lambda v: v >= 1,
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    ">= 0, or -1 for the method's default": lambda v: v >= 0 or v == -1,
+    "in [0, 2^63)": lambda v: 0 <= v < 2 ** 63,  # numpy seeds must be >= 0
+    "a non-empty string": lambda v: v.strip() != "",
+    "empty, or comma-separated merged, random, ensemble, expert:<k>":
+        lambda v: v == "" or all(re.fullmatch(r"merged|random|ensemble|expert:\d+", mode)
+                                 for mode in v.split(",")),
+}
+
+
+def check_config(cfg):
+    """Every flag's type (that of its default; floats finite), choice and range (its check in
+    TrainConfig), before anything is loaded."""
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (str, type(None))}
+    fields = dataclasses.fields(cfg)
+    for f in fields:  # argparse gives the right types; a caller of main() may not
+        v, ok = getattr(cfg, f.name), kinds[type(f.default)]
+        if type(v) not in ok or (type(v) is float and not math.isfinite(v)):
+            expected = "a finite number" if float in ok else ok[0].__name__
+            raise UserError(f"--{f.name} {v!r}: expected {expected}")
+    bad = [f"--{f.name} {getattr(cfg, f.name)!r}: must be {rule}" for rule, test in RULES.items()
+           for f in fields if f.metadata.get("check") == rule and not test(getattr(cfg, f.name))]
+    bad += [f"--{f.name} {getattr(cfg, f.name)!r}: choose one of {', '.join(f.metadata['choices'])}"
+            for f in fields if getattr(cfg, f.name) not in f.metadata.get("choices", [getattr(cfg, f.name)])]
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        bad.append("--epochs 0 and --max_steps 0: nothing to train")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        bad.append("--device cuda: torch sees no CUDA device")
+    if bad:
+        raise UserError("; ".join(bad))
+
+
+def check_fits(net, task, cfg):
+    """Every example of the splits this run reads fits the model, so that nothing fails after training: its
+    length within the positions, its token types within type_vocab_size (token ids against vocab_size are
+    checked when the tokenizer loads); for E2E, each test prompt plus --max_new_tokens within the positions."""
+    n, types = net.max_positions, net.config.type_vocab_size
+    if task.kind == "lm" and not net.config.decoder:
+        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2, Llama), "
+                        f"not {net.config.model_type}")
+    for split in ("train", "dev", "test"):
+        longest = max(len(e["input_ids"]) for e in task.splits[split])
+        if longest > n:
+            raise UserError(f"{split} split: an example of {longest} tokens, but {cfg.model} has {n} positions: "
+                            f"use --max_len {n} or less")
+        top = max((int(e["token_type_ids"].max(initial=0)) for e in task.splits[split] if "token_type_ids" in e),
+                  default=0)
+        if net.wtt is not None and top >= types:
+            raise UserError(f"{split} split: token type {top}, but {cfg.model} has type_vocab_size {types}: "
+                            "a tokenizer of another model family?")
+    if task.kind == "lm" and (longest := max(map(len, task.prompts["test"]))) + cfg.max_new_tokens > n:
+        raise UserError(f"test split: a prompt of {longest} tokens plus --max_new_tokens {cfg.max_new_tokens} "
+                        f"is more than the {n} positions of {cfg.model}; lower --max_new_tokens")
 
 
 def single_module_command(cfg):
@@ -659,17 +725,12 @@ def single_module_command(cfg):
     flags = [f"--method {single}", f"--task {cfg.task}", f"--epochs {cfg.epochs}", f"--seed {cfg.seed}"]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ADAMIX_ONLY or f.name in ("task", "epochs", "seed") or value == getattr(default, f.name):
+        if f.metadata.get("adamix_only") or f.name in ("task", "epochs", "seed") \
+                or value == getattr(default, f.name):
             continue
         flags.append(f"--{f.name}" if value is True else f"--no-{f.name}" if value is False
                      else f"--{f.name} {shlex.quote(str(value))}")
     return "python train.py " + " ".join(flags + [f"--out_dir {shlex.quote(cfg.out_dir + '-' + single)}"])
-
-
-def save_atomic_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

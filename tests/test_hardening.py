@@ -80,13 +80,30 @@ def test_a_bad_flag_is_refused_by_name_before_anything_is_read(flags, message, t
 
 
 def test_every_number_flag_has_a_range_check():
-    """A new int or float flag in TrainConfig needs its line in train.CHECKS."""
-    fields = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
-    checked = {name for names, _, _ in train.CHECKS for name in names.split()}
-    assert checked <= set(fields)
+    """A new int or float flag in TrainConfig needs its check= (a rule of train.RULES) in flag(...)."""
+    fields = dataclasses.fields(train.TrainConfig)
+    checked = {f.name for f in fields if "check" in f.metadata}
+    assert {f.metadata["check"] for f in fields if f.name in checked} <= set(train.RULES)
     any_number = {"length_penalty"}  # below 0 favours short texts, above 0 long ones: any finite value
-    assert {n for n, d in fields.items() if type(d) in (int, float)} - checked - any_number == set()
-    assert set(train.CHOICES) <= set(fields) and train.MAY_CHANGE_ON_RESUME <= set(fields)
+    assert {f.name for f in fields if type(f.default) in (int, float)} - checked - any_number == set()
+    assert all(f.default in f.metadata.get("choices", [f.default]) for f in fields)
+    train.check_config(train.TrainConfig())  # the defaults pass their own checks
+
+
+def test_help_groups_every_flag_with_its_comment():
+    """--help's groups are TrainConfig's commented sections, in order; each flag's help is the comment
+    after its field, continued on the lines under it."""
+    groups, comments = train.flag_help()
+    assert list(groups) == ["what to train", "adaptation modules",
+                            "optimisation (out of memory? lower batch_size and raise grad_accum)",
+                            "evaluation and output"]
+    names = [name for group in groups.values() for name in group]
+    assert names == [f.name for f in dataclasses.fields(train.TrainConfig)]
+    assert comments["method"] == "baselines: one adapter, one LoRA, the head alone, everything (full)"
+    assert comments["precision"].endswith("else fp32; --resume: the run's own")
+    assert comments["log_interval"] == "" and comments["lora_rank"] == "LoRA rank r (GPT-2 E2E: 4)"
+    may_change = {f.name for f in dataclasses.fields(train.TrainConfig) if f.metadata.get("on_resume")}
+    assert may_change == set(groups["evaluation and output"])  # how to evaluate and where to write
 
 
 def test_python_train_py_prints_one_line_and_exits_nonzero_for_a_user_error(monkeypatch):
