@@ -1,9 +1,9 @@
 """adamix.py in models written from scratch: an MLP and an nn.TransformerEncoder, as a user would.
 
-The routing contract (when a route is drawn), torch.utils.checkpoint, torch.compile, wrapper prefixes,
-head names, targets beyond nn.Linear, and unwrap. Oracles: the routes an identically seeded generator
-draws, the same model run without checkpoint / compile / wrapper, nn.Linear for Conv1D, and the
-merged model for its unwrapped copy.
+The routing contract (when a route is drawn), torch.utils.checkpoint, torch.compile, wrapper
+prefixes, head names, targets beyond nn.Linear, and unwrap. Oracles: the routes an identically seeded
+generator draws, the same model run without checkpoint / compile / wrapper, nn.Linear for Conv1D,
+and the merged model for its unwrapped copy.
 """
 import copy
 
@@ -23,8 +23,9 @@ D, CLASSES = 16, 3
 class MLP(nn.Module):
     def __init__(self, dropout=0.1):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(D, 24), nn.GELU(), nn.Dropout(dropout), nn.Linear(24, 24), nn.GELU(),
-                                     nn.Dropout(dropout), nn.Linear(24, D))
+        self.encoder = nn.Sequential(nn.Linear(D, 24), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(24, 24), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(24, D))
         self.head = nn.Linear(D, CLASSES)
         self.ckpt = None  # None: no checkpoint; True / False: use_reentrant
 
@@ -74,18 +75,18 @@ def data(cls, batch=4):
 
 
 def expected_routes(state, mixtures, calls):
-    """What the router must draw for `calls` calls of each mixture, by hand: from a generator with the
-    router's state, one uniform (down, up) per call in call order (randint % M)."""
+    """What the router must draw for `calls` calls of each mixture, by hand: from a generator with
+    the router's state, one uniform (down, up) per call in call order (randint % M)."""
     g = torch.Generator()
     g.set_state(state)
     out = []
     for _ in range(calls):
-        out.append(torch.stack([torch.randint(0, 2**62, (1, 2), generator=g) % torch.tensor(m.sizes())
-                                for m in mixtures]))
+        draw = lambda m: torch.randint(0, 2**62, (1, 2), generator=g) % torch.tensor(m.sizes())
+        out.append(torch.stack([draw(m) for m in mixtures]))
     return out
 
 
-# ---- when a route is drawn ------------------------------------------------------------------------
+# ---- when a route is drawn -----------------------------------------------------------------
 @pytest.mark.parametrize("cls", [MLP, Encoder])
 @pytest.mark.parametrize("kind", ["adapter", "lora"])
 def test_two_passes_through_a_submodule_draw_fresh_routes(cls, kind):
@@ -201,7 +202,7 @@ def test_compile_does_not_recompile_for_a_new_route(kind):
         plans.append(router.plan)
     assert len({tuple(p.flatten().tolist()) for p in plans}) > 4  # the routes changed ...
     assert counters["stats"]["unique_graphs"] == graphs  # ... the graphs did not
-    with router.use(plans[-1]), torch.no_grad():  # and the compiled model computes what the eager one does
+    with router.use(plans[-1]), torch.no_grad():  # and compiled computes what eager does
         outs = [(torch.manual_seed(3), f(x))[1] for f in (compiled, net)]  # the same dropout masks
         torch.testing.assert_close(*outs)
 
@@ -217,20 +218,23 @@ def test_wrapper_prefixes_are_handled(wrap, tmp_path):
     net, _ = make(MLP)
     reference = copy.deepcopy(adamix.adamix_state_dict(net))
     count = adamix.count_parameters(net)
-    wrapped = {"compile": lambda: torch.compile(net, backend="eager"), "data_parallel": lambda: nn.DataParallel(net),
+    wrapped = {"compile": lambda: torch.compile(net, backend="eager"),
+               "data_parallel": lambda: nn.DataParallel(net),
                "ddp": lambda: ddp(net, tmp_path)}[wrap]()
     try:
         net.requires_grad_(True)
         adamix.mark_only_adamix_trainable(wrapped, head="head")
-        assert all(p.requires_grad == ("adamix_" in n or n.startswith("head.")) for n, p in net.named_parameters())
+        trainable = lambda n: "adamix_" in n or n.startswith("head.")
+        assert all(p.requires_grad == trainable(n) for n, p in net.named_parameters())
         assert adamix.count_parameters(wrapped) == count
         saved = adamix.adamix_state_dict(wrapped)
         assert saved.keys() == reference.keys() and any(k.startswith("head.") for k in saved)
         assert all(torch.equal(saved[k], reference[k]) for k in saved)
         fresh, _ = make(MLP, seed=3)
-        adamix.load_adamix_state_dict(fresh, saved)  # a file saved from the wrapper loads into a plain model
+        adamix.load_adamix_state_dict(fresh, saved)  # saved from the wrapper, loads into the model
         adamix.load_adamix_state_dict(wrapped, adamix.adamix_state_dict(fresh))  # and back
-        assert all(torch.equal(v, adamix.adamix_state_dict(fresh)[k]) for k, v in adamix.adamix_state_dict(net).items())
+        back = adamix.adamix_state_dict(fresh)
+        assert all(torch.equal(v, back[k]) for k, v in adamix.adamix_state_dict(net).items())
     finally:
         if wrap == "ddp":
             dist.destroy_process_group()
@@ -260,6 +264,44 @@ def test_router_state_is_saved_and_restored_with_the_weights():
         fresh(x)
         assert torch.equal(fresh_router.plan, plan)
     assert not any(k.startswith("adamix_router.") for k in adamix.adamix_state_dict(net, router=False))
+
+
+def test_router_state_has_one_format_and_older_formats_still_load():
+    net, router = make(MLP)
+    x, _ = data(MLP)
+    net.train()
+    router.views, router.differ = 2, True
+    saved = copy.deepcopy(adamix.adamix_state_dict(net))
+    own = router.state_dict()  # the one format: the same keys and tensors, in both places
+    prefix = "adamix_router.0."
+    in_file = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+    assert in_file.keys() == own.keys() == {"generator", "seed", "views", "differ"}
+    assert all(isinstance(v, torch.Tensor) and torch.equal(v, own[k]) for k, v in in_file.items())
+    later = [(net(x), router.plan)[1] for _ in range(3)]
+
+    fresh, fresh_router = make(MLP, seed=5)
+    adamix.load_adamix_state_dict(fresh, saved)
+    assert (fresh_router.seed, fresh_router.views, fresh_router.differ) == (0, 2, True)
+
+    # an older adamix.pt (no seed); an older ckpt.pt["router"] of train.py (Python numbers)
+    older_file = {k: v for k, v in saved.items() if k != prefix + "seed"}
+    older_router = {"seed": 0, "views": 2, "differ": True, "generator": saved[prefix + "generator"]}
+    for older in ("file", "router"):
+        fresh, fresh_router = make(MLP, seed=5)
+        if older == "file":
+            adamix.load_adamix_state_dict(fresh, older_file)
+        else:
+            fresh_router.load_state_dict(copy.deepcopy(older_router))
+        assert (fresh_router.views, fresh_router.differ) == (2, True)
+        assert type(fresh_router.views) is int and type(fresh_router.differ) is bool
+        assert fresh_router.seed == (5 if older == "file" else 0)  # no seed saved: its own
+        fresh.train()
+        for plan in later:
+            fresh(x)
+            assert torch.equal(fresh_router.plan, plan)
+    with pytest.raises(RuntimeError, match=r"missing keys \['adamix_router.0.differ'\]"):
+        no_differ = {k: v for k, v in saved.items() if k != prefix + "differ"}
+        adamix.load_adamix_state_dict(fresh, no_differ)
 
 
 def test_loading_into_a_folded_model_is_refused():
@@ -359,3 +401,32 @@ def test_unwrap_returns_a_plain_model_with_the_merged_function(cls, kind):
                  (n.startswith("encoder.") and n.count(".") == 1 and n[-1] in "036")}
         assert kinds == ({nn.Linear} if kind == "lora" else {adamix.Adapter})
         torch.testing.assert_close(plain(x), merged, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_class_works_copied_alone_and_unwrapped_models_pickle():
+    import inspect
+    import io
+    scope = {"torch": torch, "nn": nn, "F": F}  # what its docstring says it needs: no adamix.py
+    exec(inspect.getsource(adamix.Adapter), scope)
+    torch.manual_seed(0)
+    layers = nn.Linear(D, D), nn.Linear(D, 4), nn.Linear(4, D)
+    copied, ours = scope["Adapter"](*layers), adamix.Adapter(*layers)
+    x, _ = data(MLP)
+    torch.testing.assert_close(copied(x), ours(x))
+    assert len(copied._forward_pre_hooks) == 1  # keeps nn.TransformerEncoderLayer off its fast path
+    net, _ = make(Encoder, "adapter")
+    net.eval()
+    plain = adamix.unwrap(net)
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)  # the hooks of Adapter (and of the mixtures, before) pickle by name
+    buffer.seek(0)
+    x, _ = data(Encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), plain(x))
+
+
+def test_head_names_normalises_none_a_name_or_a_list():
+    assert adamix.head_names(None) == []
+    assert adamix.head_names("classifier") == ["classifier"]
+    assert adamix.head_names(["head", "pooler"]) == ["head", "pooler"]
+    assert adamix.head_names(("head", "pooler")) == ["head", "pooler"]
