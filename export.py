@@ -62,8 +62,7 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
     family = model.config.model_type if isinstance(model, Transformer) else None
     hf_name = (lambda name: hf_module_name(model, name)) if family else (lambda name: name)
     if family is None:  # the user's own names; the head, if any, under its own name too
-        heads = [] if head is None else [head] if isinstance(head, str) else list(head)
-        head_map = {f"{h}.": (f"{h}.", h) for h in heads}
+        head_map = {f"{h}.": (f"{h}.", h) for h in adamix.head_names(head)}
     else:
         head_map = HF_HEADS[family] if model.head is not None else {}
     modules = {}  # HF module -> [(our layer, A, B, scaling)]
