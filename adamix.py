@@ -203,7 +203,7 @@ class LoRAMixture(_Mixture):
 
 class Router:
     """Draws routes, LongTensors (P, 2) of (down, up) expert indices, from its own seeded generator.
-    A plan is the routes of all its mixtures at once, (n_mixtures, P, 2); views and differ: below."""
+    A plan is the routes of all its mixtures at once, (n_mixtures, P, 2); views, differ: below."""
 
     def __init__(self, mixtures, seed=0):
         self.mixtures = list(mixtures)
