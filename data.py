@@ -1,11 +1,13 @@
 """
 data.py: text to batches, and the metrics that score them. Read top to bottom:
-  1. metrics in numpy: accuracy, F1, Matthews, Pearson and Spearman (GLUE); BLEU-4 and ROUGE-L (E2E NLG);
-  2. the paper's eight GLUE tasks in one table (columns, labels, metric), read from TSV files that are
-     downloaded from the canonical GLUE location when missing;
+  1. metrics in numpy: accuracy, F1, Matthews, Pearson and Spearman (GLUE); BLEU-4 and ROUGE-L
+     (E2E NLG);
+  2. the paper's eight GLUE tasks in one table (columns, labels, metric), read from TSV files that
+     are downloaded from the canonical GLUE location when missing;
   3. the built-in default task `mr` (movie-review polarity, read out of a PyPI sdist) and E2E NLG;
   4. one seeded, hash-based split rule for every split this file makes;
-  5. tokenisation (sentence pairs; the LoRA NLG template for GPT-2) and batching (padding, length buckets);
+  5. tokenisation (sentence pairs; the LoRA NLG template for GPT-2) and batching (padding, length
+     buckets);
   6. `load_task`, the one entry point train.py calls.
 A malformed row or an empty file is a ValueError naming the file and line: nothing is dropped.
 """
@@ -30,21 +32,25 @@ from tokenizers import Tokenizer
 from formats import CACHE_DIR, download_url, pip_download
 
 IGNORE_INDEX = -100      # a label torch's cross_entropy skips: LM context and padding
-CLASSIFY_MAX_LEN = 128   # tokens per classification example (the official GLUE scripts: max len 128)
+CLASSIFY_MAX_LEN = 128   # tokens per classification example (the official GLUE scripts: 128)
 LM_MAX_LEN = 512         # tokens per E2E example (the official GPT-2 scripts: len 512)
-SPLIT_SEED = 0           # seed of the split rule; separate from the training seed, so runs share a split
+SPLIT_SEED = 0           # seed of the split rule; not the training seed, so runs share a split
 MR_FRACTIONS = (("train", 0.8), ("dev", 0.1), ("test", 0.1))
-GLUE_DEV_FRACTION = 0.1  # share of GLUE train held out as dev for choosing the epoch (the original code chose it on the reported set) ...
+# share of GLUE train held out as dev for choosing the epoch (the original code chose it on the
+# reported set) ...
+GLUE_DEV_FRACTION = 0.1
 GLUE_DEV_MAX = 2000      # ... capped, so that evaluating dev on MNLI or QQP stays cheap
-E2E_DEV_FRACTION = 0.1   # share of valid.txt's meaning representations held out as dev (no train.txt)
+E2E_DEV_FRACTION = 0.1   # share of valid.txt's meaning representations made dev (no train.txt)
 BUCKET_BATCHES = 50      # length bucketing: sort by length inside windows of this many batches
 BLEU_MAX_N = 4           # BLEU-4 (Papineni et al., 2002)
-ROUGE_BETA = 1.2         # ROUGE-L recall weight of pycocoevalcap, which the E2E challenge scripts use
+ROUGE_BETA = 1.2         # ROUGE-L recall weight of pycocoevalcap, which the E2E challenge uses
 HASH_BYTES = 8           # bytes of sha256 turned into a number in [0, 1) by the split rule
-DATA_URL = "https://dl.fbaipublicfiles.com"  # override: base_url= or env ADAMIX_DATA_URL (tests, mirrors)
-# E2E NLG (Novikova et al., 2017; CC BY-SA 4.0) in the one-line `mr||reference` format of the LoRA NLG code,
-# from that repository; override: base_url= or env ADAMIX_E2E_URL. Only the two files this project trains
-# and tests on without the 42k-line train.txt (see load_e2e); their sha256 are pinned.
+# override: base_url= or env ADAMIX_DATA_URL (tests, mirrors)
+DATA_URL = "https://dl.fbaipublicfiles.com"
+# E2E NLG (Novikova et al., 2017; CC BY-SA 4.0) in the one-line `mr||reference` format of the LoRA
+# NLG code, from that repository; override: base_url= or env ADAMIX_E2E_URL. Only the two files
+# this project trains and tests on without the 42k-line train.txt (see load_e2e); their sha256 are
+# pinned.
 E2E_URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/e2e"
 E2E_FILES = {"valid.txt": "ba963113c8401d3d26216c0dc0a6dae1ea6ea927de3bf830e32c41f65401c80d",
              "test.txt": "81b1bcd40c4f12845ec4eb61a77bf43765d112483cd9b2f91ef10bfc1b3d8f13"}
@@ -56,13 +62,15 @@ class Example(NamedTuple):
     label: int | float   # class index, or the STS-B similarity score
 
 # -----------------------------------------------------------------------------
-# 1. Metrics. Predictions are class indices (STS-B: scores); a task's metric returns a dict of floats.
+# 1. Metrics. Predictions are class indices (STS-B: scores); a task's metric returns a dict of
+# floats.
 
 
 def _check(pred, gold):
     pred, gold = np.asarray(pred), np.asarray(gold)
     if pred.shape != gold.shape or pred.ndim != 1 or len(pred) == 0:
-        raise ValueError(f"need two equal-length 1-d arrays, got shapes {pred.shape} and {gold.shape}")
+        raise ValueError(f"need two equal-length 1-d arrays, got shapes {pred.shape} and "
+                         f"{gold.shape}")
     return pred, gold
 
 
@@ -72,7 +80,8 @@ def accuracy(pred, gold):
 
 
 def f1_accuracy(pred, gold):
-    """F1 of the positive class (1) and accuracy: MRPC and QQP. F1 = 2 tp / (2 tp + fp + fn), 0 if tp = 0."""
+    """F1 of the positive class (1) and accuracy: MRPC and QQP.
+    F1 = 2 tp / (2 tp + fp + fn), 0 if tp = 0."""
     pred, gold = _check(pred, gold)
     p, g = pred == 1, gold == 1
     tp, fp, fn = np.sum(p & g), np.sum(p & ~g), np.sum(~p & g)
@@ -80,7 +89,8 @@ def f1_accuracy(pred, gold):
 
 
 def matthews(pred, gold):
-    """Matthews correlation (CoLA): (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)), 0 if undefined."""
+    """Matthews correlation (CoLA), 0 if undefined:
+    (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn))."""
     pred, gold = _check(pred, gold)
     p, g = pred == 1, gold == 1
     tp, tn, fp, fn = (float(np.sum(m)) for m in (p & g, ~p & ~g, p & ~g, ~p & g))
@@ -95,27 +105,31 @@ def _pearson(x, y):
 
 
 def _average_ranks(x):
-    """Ranks 1..N; tied values share the mean of the ranks they span ([5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
+    """Ranks 1..N; tied values share the mean of the ranks they span
+    ([5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)                       # rank of the last member of each group of equal values
+    last = np.cumsum(counts)                       # rank of the last member of each group of equals
     return ((last - counts + 1 + last) / 2)[inverse]
 
 
 def correlations(pred, gold):
     """Pearson and Spearman (Pearson of average ranks) correlations: STS-B."""
     pred, gold = (a.astype(np.float64) for a in _check(pred, gold))
-    return {"pearson": _pearson(pred, gold), "spearman": _pearson(_average_ranks(pred), _average_ranks(gold))}
+    spearman = _pearson(_average_ranks(pred), _average_ranks(gold))
+    return {"pearson": _pearson(pred, gold), "spearman": spearman}
 
 
 def bleu_tokenize(text):
-    """BLEU/ROUGE tokens: lower-cased words (\\w+) and every other non-space character on its own."""
+    """BLEU/ROUGE tokens: lower-cased words (\\w+) and every other non-space character on its
+    own."""
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
 def _tokenized(hypotheses, references):
     if len(hypotheses) != len(references) or not hypotheses:
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
-    return [(bleu_tokenize(h), [bleu_tokenize(x) for x in refs]) for h, refs in zip(hypotheses, references)]
+    return [(bleu_tokenize(h), [bleu_tokenize(x) for x in refs])
+            for h, refs in zip(hypotheses, references)]
 
 
 def _ngrams(tokens, n):
@@ -124,10 +138,10 @@ def _ngrams(tokens, n):
 
 def corpus_bleu(hypotheses, references):
     """Corpus BLEU-4 (Papineni et al., 2002), several references per hypothesis, no smoothing.
-    p_n = sum over sentences of n-gram counts clipped by the largest count in any one reference, divided
-    by the number of hypothesis n-grams; BLEU = BP * exp(mean_n log p_n), 0 if any p_n is 0. Brevity
-    penalty BP = min(1, exp(1 - r / c)), c = total hypothesis length, r = sum of the reference lengths
-    closest to each hypothesis (the shorter one on a tie, as NLTK)."""
+    p_n = sum over sentences of n-gram counts clipped by the largest count in any one reference,
+    divided by the number of hypothesis n-grams; BLEU = BP * exp(mean_n log p_n), 0 if any p_n is
+    0. Brevity penalty BP = min(1, exp(1 - r / c)), c = total hypothesis length, r = sum of the
+    reference lengths closest to each hypothesis (the shorter one on a tie, as NLTK)."""
     matched, total, c, r = np.zeros(BLEU_MAX_N), np.zeros(BLEU_MAX_N), 0, 0
     for h, rs in _tokenized(hypotheses, references):
         c += len(h)
@@ -135,7 +149,7 @@ def corpus_bleu(hypotheses, references):
         for n in range(1, BLEU_MAX_N + 1):
             best = Counter()
             for x in rs:
-                best |= _ngrams(x, n)                  # Counter | Counter: the larger count per n-gram
+                best |= _ngrams(x, n)                  # Counter | Counter: the larger count
             matched[n - 1] += sum((_ngrams(h, n) & best).values())  # &: the clipped count
             total[n - 1] += max(len(h) - n + 1, 0)
     if c == 0 or np.any(matched == 0):
@@ -144,7 +158,7 @@ def corpus_bleu(hypotheses, references):
 
 
 def _lcs(a, b):
-    row = [0] * (len(b) + 1)                           # row[j] = LCS(a[:i], b[:j]) for the current i
+    row = [0] * (len(b) + 1)                           # row[j] = LCS(a[:i], b[:j]), current i
     for x in a:
         prev_diag = 0
         for j, y in enumerate(b, 1):
@@ -153,9 +167,9 @@ def _lcs(a, b):
 
 
 def rouge_l(hypotheses, references):
-    """ROUGE-L as pycocoevalcap computes it for the E2E challenge: per hypothesis P = max over references
-    of LCS / len(hyp), R = max of LCS / len(ref), F = (1 + b^2) P R / (R + b^2 P) with b = ROUGE_BETA;
-    the corpus score is the mean F over hypotheses."""
+    """ROUGE-L as pycocoevalcap computes it for the E2E challenge: per hypothesis P = max over
+    references of LCS / len(hyp), R = max of LCS / len(ref), F = (1 + b^2) P R / (R + b^2 P) with
+    b = ROUGE_BETA; the corpus score is the mean F over hypotheses."""
     scores = []
     for h, rs in _tokenized(hypotheses, references):
         lcs = [(_lcs(h, x), len(x)) for x in rs]
@@ -179,12 +193,13 @@ class GlueTask(NamedTuple):
     label: str | int
     labels: tuple | None         # label strings in class-index order; None: a float score
     metric: Callable
-    main: str                    # the number reported for the task (LoRA's GLUE convention): picks the epoch
-    urls: tuple                  # files under DATA_URL (or its override) that make the folder; zips are extracted
+    main: str                    # the number reported (LoRA's GLUE convention): picks the epoch
+    urls: tuple                  # files under DATA_URL (or its override) that make the folder;
+                                 # zips are extracted
     dev_files: tuple = ("dev.tsv",)
 
 
-G = "glue/data/"  # the per-task files of the GLUE benchmark's download script (download_glue_data.py)
+G = "glue/data/"  # the per-task files of the GLUE benchmark's script (download_glue_data.py)
 NLI = ("entailment", "not_entailment")
 GLUE_TASKS = {
     "mnli": GlueTask("MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
@@ -193,7 +208,7 @@ GLUE_TASKS = {
     "sst2": GlueTask("SST-2", "sentence", None, "label", ("0", "1"), accuracy, "accuracy", (G + "SST-2.zip",)),
     "qqp": GlueTask("QQP", "question1", "question2", "is_duplicate", ("0", "1"), f1_accuracy, "accuracy",
                     (G + "QQP-clean.zip",)),
-    # MRPC is in no GLUE zip: the script splits Microsoft's train file by a published list of dev ids.
+    # MRPC is in no GLUE zip: the script splits Microsoft's train file by a published list of ids.
     "mrpc": GlueTask("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), f1_accuracy, "accuracy",
                      ("senteval/senteval_data/msr_paraphrase_train.txt", G + "mrpc_dev_ids.tsv")),
     # CoLA columns: source, label, original author's mark, sentence.
@@ -204,19 +219,21 @@ GLUE_TASKS = {
 
 
 def not_utf8(path, raw=None):
-    """The error for a file (or its bytes `raw`) that is not UTF-8, naming the first bad line and byte."""
+    """The error for a file (or its bytes `raw`) that is not UTF-8, naming the first bad line and
+    byte."""
     for n, line in enumerate((Path(path).read_bytes() if raw is None else raw).split(b"\n"), 1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
-            return ValueError(f"{path}:{n}: byte {line[e.start]:#04x} at column {e.start + 1} is not UTF-8 "
-                              "(latin-1?): save the file as UTF-8")
+            return ValueError(f"{path}:{n}: byte {line[e.start]:#04x} at column {e.start + 1} "
+                              "is not UTF-8 (latin-1?): save the file as UTF-8")
     return ValueError(f"{path}: not UTF-8")
 
 
 def tsv_rows(f, path):
-    """(line number, row) of a tab-separated file; bytes that are not UTF-8 or a line too long for the csv
-    module (csv.field_size_limit) are an error naming the file and line, not a bare decoder or csv error."""
+    """(line number, row) of a tab-separated file; bytes that are not UTF-8 or a line too long for
+    the csv module (csv.field_size_limit) are an error naming the file and line, not a bare decoder
+    or csv error."""
     rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE text has bare quotes
     while True:
         try:
@@ -231,13 +248,13 @@ def tsv_rows(f, path):
 
 
 def read_glue(path, task):
-    """One GLUE TSV file -> [Example]. Every row must have as many columns as the header (CoLA, which
-    has none: 4), and a known label or a numeric score."""
+    """One GLUE TSV file -> [Example]. Every row must have as many columns as the header (CoLA,
+    which has none: 4), and a known label or a numeric score."""
     spec, path = GLUE_TASKS[task], Path(path)
     cols, examples = [spec.text_a, spec.text_b, spec.label], []
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = tsv_rows(f, path)
-        if isinstance(spec.label, int):                              # CoLA: no header, columns by index
+        if isinstance(spec.label, int):                              # CoLA: no header, by index
             width = max(c for c in cols if c is not None) + 1
         else:
             header = next(rows, (1, []))[1]
@@ -250,7 +267,8 @@ def read_glue(path, task):
         for line, row in rows:
             where = f"{path}:{line}"
             if len(row) != width:
-                raise ValueError(f"{where}: expected {width} tab-separated columns, found {len(row)}")
+                raise ValueError(f"{where}: expected {width} tab-separated columns, "
+                                 f"found {len(row)}")
             a, b, y = (None if c is None else row[c] for c in cols)
             if spec.labels is None:
                 try:
@@ -268,8 +286,8 @@ def read_glue(path, task):
 
 
 def download_glue(task, data_dir, base_url=None):
-    """Fetch one task into data_dir/<folder>, atomically: the files are assembled in a temporary folder
-    that is renamed at the end, so an interrupted download never looks like a task folder."""
+    """Fetch one task into data_dir/<folder>, atomically: the files are assembled in a temporary
+    folder that is renamed at the end, so an interrupted download never looks like a task folder."""
     spec, data_dir = GLUE_TASKS[task], Path(data_dir)
     base = (base_url or os.environ.get("ADAMIX_DATA_URL") or DATA_URL).rstrip("/")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -280,8 +298,9 @@ def download_glue(task, data_dir, base_url=None):
                 file = download_url(f"{base}/{rel}", tmp / Path(rel).name)
             except FileNotFoundError as e:
                 raise FileNotFoundError(
-                    f"{data_dir / spec.folder} does not exist and downloading it failed: {e}\nPut the GLUE "
-                    f"files there yourself: train.tsv, {', '.join(spec.dev_files)} (the standard layout).") from e
+                    f"{data_dir / spec.folder} does not exist and downloading it failed: {e}\n"
+                    f"Put the GLUE files there yourself: train.tsv, "
+                    f"{', '.join(spec.dev_files)} (the standard layout).") from e
             if file.suffix == ".zip":
                 with zipfile.ZipFile(file) as z:
                     z.extractall(tmp)
@@ -296,12 +315,14 @@ def download_glue(task, data_dir, base_url=None):
 
 
 def _split_mrpc(tmp):
-    """Build MRPC/train.tsv and dev.tsv as the GLUE script does: rows whose (#1 ID, #2 ID) is listed in
-    mrpc_dev_ids.tsv go to dev, the others to train; both keep the source file's header."""
+    """Build MRPC/train.tsv and dev.tsv as the GLUE script does: rows whose (#1 ID, #2 ID) is
+    listed in mrpc_dev_ids.tsv go to dev, the others to train; both keep the source file's
+    header."""
     with open(tmp / "mrpc_dev_ids.tsv", encoding="utf-8-sig", newline="") as f:
         dev_ids = {tuple(row[:2]) for _, row in tsv_rows(f, tmp / "mrpc_dev_ids.tsv")}
     try:
-        header, *rows = (tmp / "msr_paraphrase_train.txt").read_text(encoding="utf-8-sig").splitlines()
+        text = (tmp / "msr_paraphrase_train.txt").read_text(encoding="utf-8-sig")
+        header, *rows = text.splitlines()
     except UnicodeDecodeError:
         raise not_utf8(tmp / "msr_paraphrase_train.txt") from None
     out = {"train.tsv": [header], "dev.tsv": [header]}
@@ -314,10 +335,11 @@ def _split_mrpc(tmp):
 
 def load_glue(task, data_dir, split_seed=SPLIT_SEED, base_url=None):
     """-> {"train", "dev", "test"} (MNLI adds "test_mismatched") lists of Examples.
-    GLUE's test labels are private, so papers (AdaMix included) report the GLUE dev set. Choosing the
-    best epoch on that same set (as the original code did) is a leak, so: "test" is the GLUE dev file (the reported number),
-    and "dev" (model selection) is a seeded hold-out of GLUE train: GLUE_DEV_FRACTION of it, at most
-    GLUE_DEV_MAX examples, by the hash rule of `split_by_hash`. "train" is the rest of GLUE train."""
+    GLUE's test labels are private, so papers (AdaMix included) report the GLUE dev set. Choosing
+    the best epoch on that same set (as the original code did) is a leak, so: "test" is the GLUE
+    dev file (the reported number), and "dev" (model selection) is a seeded hold-out of GLUE
+    train: GLUE_DEV_FRACTION of it, at most GLUE_DEV_MAX examples, by the hash rule of
+    `split_by_hash`. "train" is the rest of GLUE train."""
     spec, folder = GLUE_TASKS[task], Path(data_dir) / GLUE_TASKS[task].folder
     if not folder.is_dir():
         download_glue(task, data_dir, base_url)
@@ -332,9 +354,9 @@ def load_glue(task, data_dir, split_seed=SPLIT_SEED, base_url=None):
 # 3. The built-in default task `mr` and E2E NLG.
 
 MR_SDIST = ("vaderSentiment==3.3.2", "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
-MR_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"  # a tar.gz in the tar.gz
+MR_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"  # tar.gz in tar.gz
 MR_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
-MR_LAST_POSITIVE_ID = 5331   # ids 1..5331 are the positive snippets, the rest negative (the archive's own README)
+MR_LAST_POSITIVE_ID = 5331   # ids 1..5331 are the positive snippets, the rest negative (its README)
 
 
 def _member(tar, name, where):
@@ -345,9 +367,10 @@ def _member(tar, name, where):
 
 
 def read_mr(sdist):
-    """The Pang & Lee movie-review sentences, read in memory from the vaderSentiment sdist -> [Example],
-    label 1 positive, 0 negative. Rows: `id <TAB> mean valence <TAB> sentence`, CRLF line ends. The label
-    comes from the id (the corpus's polarity), not from VADER's valence ratings."""
+    """The Pang & Lee movie-review sentences, read in memory from the vaderSentiment sdist ->
+    [Example], label 1 positive, 0 negative. Rows: `id <TAB> mean valence <TAB> sentence`, CRLF
+    line ends. The label comes from the id (the corpus's polarity), not from VADER's valence
+    ratings."""
     with tarfile.open(sdist) as outer:
         nested = _member(outer, MR_ARCHIVE, sdist)
     with tarfile.open(fileobj=io.BytesIO(nested)) as inner:
@@ -365,7 +388,8 @@ def read_mr(sdist):
     for n, line in enumerate(lines, 1):
         parts = line.split("\t")
         if len(parts) != 3 or not parts[0].isdigit() or not parts[2].strip():
-            raise ValueError(f"{where}:{n}: expected `id<TAB>mean valence<TAB>sentence`, got {line[:80]!r}")
+            raise ValueError(f"{where}:{n}: expected `id<TAB>mean valence<TAB>sentence`, "
+                             f"got {line[:80]!r}")
         examples.append(Example(parts[2].strip(), None, int(int(parts[0]) <= MR_LAST_POSITIVE_ID)))
     if not examples:
         raise ValueError(f"{where}: no examples (empty file)")
@@ -373,16 +397,17 @@ def read_mr(sdist):
 
 
 def load_mr(split_seed=SPLIT_SEED, cache_dir=None, find_links=None):
-    """-> {"train", "dev", "test"}: MR_FRACTIONS of the sentences by `split_by_hash` (not stratified;
-    the sentence text is the hash key, so the corpus's two repeated sentences stay in one split).
-    find_links: a local folder holding the sdist, for machines without PyPI."""
+    """-> {"train", "dev", "test"}: MR_FRACTIONS of the sentences by `split_by_hash` (not
+    stratified; the sentence text is the hash key, so the corpus's two repeated sentences stay in
+    one split). find_links: a local folder holding the sdist, for machines without PyPI."""
     sdist = pip_download(*MR_SDIST, cache_dir=cache_dir, sdist=True, find_links=find_links)
     return split_by_hash(read_mr(sdist), MR_FRACTIONS, split_seed)
 
 
 def read_e2e(path):
     """`meaning representation||reference` lines -> [(mr, [references])], grouped by meaning
-    representation in first-seen order. Both sides are stripped (the files end lines with a space)."""
+    representation in first-seen order. Both sides are stripped (the files end lines with a
+    space)."""
     groups = {}
     with open(path, encoding="utf-8") as f:
         try:
@@ -392,7 +417,8 @@ def read_e2e(path):
     for n, line in enumerate(lines, 1):
         parts = [p.strip() for p in line.split("||")]
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{path}:{n}: expected `meaning representation||reference`, got {line[:80]!r}")
+            raise ValueError(f"{path}:{n}: expected `meaning representation||reference`, "
+                             f"got {line[:80]!r}")
         groups.setdefault(parts[0], []).append(parts[1])
     if not groups:
         raise ValueError(f"{path}: no examples (empty file)")
@@ -400,28 +426,30 @@ def read_e2e(path):
 
 
 def download_e2e(cache_dir=None, base_url=None):
-    """valid.txt and test.txt fetched into <cache>/e2e (each checked against its pinned sha256; a cached
-    copy is reused), or a FileNotFoundError that says how to work offline."""
+    """valid.txt and test.txt fetched into <cache>/e2e (each checked against its pinned sha256; a
+    cached copy is reused), or a FileNotFoundError that says how to work offline."""
     base = (base_url or os.environ.get("ADAMIX_E2E_URL") or E2E_URL).rstrip("/")
     folder = Path(cache_dir or CACHE_DIR) / "e2e"
     for name, sha256 in E2E_FILES.items():
         try:
             download_url(f"{base}/{name}", folder / name, sha256)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}\nOffline: pass --data_dir (data_dir=) a folder holding valid.txt and test.txt "
-                                    "in the one-line `meaning representation||reference` format") from e
+            raise FileNotFoundError(
+                f"{e}\nOffline: pass --data_dir (data_dir=) a folder holding valid.txt and "
+                "test.txt in the one-line `meaning representation||reference` format") from e
     return folder
 
 
 def load_e2e(folder, split_seed=SPLIT_SEED):
-    """-> {"train", "dev", "test"} lists of (mr, [references]); test.txt is the official test set. With
-    train.txt (the full release), dev is valid.txt. Without it (the 42k-line train.txt is not downloaded),
-    dev is a held-out E2E_DEV_FRACTION of valid.txt's meaning representations and train the rest (no mr in
-    both): a small, honest setting for a CPU, not the paper's."""
+    """-> {"train", "dev", "test"} lists of (mr, [references]); test.txt is the official test set.
+    With train.txt (the full release), dev is valid.txt. Without it (the 42k-line train.txt is not
+    downloaded), dev is a held-out E2E_DEV_FRACTION of valid.txt's meaning representations and
+    train the rest (no mr in both): a small, honest setting for a CPU, not the paper's."""
     folder = Path(folder)
     if not (folder / "test.txt").exists():
-        raise FileNotFoundError(f"{folder / 'test.txt'} not found: pass data_dir= the folder of the E2E "
-                                "files in the one-line `mr||reference` format (train.txt, valid.txt, test.txt)")
+        raise FileNotFoundError(f"{folder / 'test.txt'} not found: pass data_dir= the folder of "
+                                "the E2E files in the one-line `mr||reference` format "
+                                "(train.txt, valid.txt, test.txt)")
     if (folder / "train.txt").exists():
         texts = {"train": read_e2e(folder / "train.txt"), "dev": read_e2e(folder / "valid.txt")}
     else:
@@ -434,23 +462,26 @@ def load_e2e(folder, split_seed=SPLIT_SEED):
 
 
 def split_by_hash(items, fractions, seed=SPLIT_SEED):
-    """Split Examples (text: both sentences) or E2E groups (text: the mr) by a hash: u = sha256(f"{seed}:{text}")'s
-    first HASH_BYTES bytes as a number in [0, 1); ((name, fraction), ...) takes u in consecutive intervals of
-    those widths, so the sizes are those fractions up to sampling noise. An item's split depends only on its
-    text and the seed, never on numpy's generator, the row order or the machine: equal texts share a split."""
+    """Split Examples (text: both sentences) or E2E groups (text: the mr) by a hash:
+    u = sha256(f"{seed}:{text}")'s first HASH_BYTES bytes as a number in [0, 1);
+    ((name, fraction), ...) takes u in consecutive intervals of those widths, so the sizes are those
+    fractions up to sampling noise. An item's split depends only on its text and the seed, never
+    on numpy's generator, the row order or the machine: equal texts share a split."""
     bounds, out = np.cumsum([f for _, f in fractions]), {name: [] for name, _ in fractions}
     for item in items:
         text = item[0] if isinstance(item[1], list) else f"{item.text_a}\t{item.text_b or ''}"
         digest = hashlib.sha256(f"{seed}:{text}".encode("utf-8")).digest()
         u = int.from_bytes(digest[:HASH_BYTES], "big") / 2 ** (8 * HASH_BYTES)
-        k = min(int(np.searchsorted(bounds, u, side="right")), len(fractions) - 1)  # fractions may sum to 1 - eps
+        k = np.searchsorted(bounds, u, side="right")
+        k = min(int(k), len(fractions) - 1)  # fractions may sum to 1 - eps
         out[fractions[k][0]].append(item)
     return out
 
 
 def k_per_class(examples, k, seed):
-    """Few-shot training data: k examples of every label, drawn without replacement by `seed` (numpy),
-    returned in their original order. Works on encoded examples (dicts) or Examples; labels are classes."""
+    """Few-shot training data: k examples of every label, drawn without replacement by `seed`
+    (numpy), returned in their original order. Works on encoded examples (dicts) or Examples;
+    labels are classes."""
     label = lambda e: e["label"] if isinstance(e, dict) else e.label
     by_label = {}
     for i, e in enumerate(examples):
@@ -461,7 +492,8 @@ def k_per_class(examples, k, seed):
     if short:
         raise ValueError(f"k = {k} examples per class, but some classes have fewer: {short}")
     rng = np.random.default_rng(seed)
-    keep = sorted(i for y in sorted(by_label) for i in rng.choice(by_label[y], size=k, replace=False))
+    drawn = [rng.choice(by_label[y], size=k, replace=False) for y in sorted(by_label)]
+    keep = sorted(i for idx in drawn for i in idx)
     return [examples[i] for i in keep]
 
 # -----------------------------------------------------------------------------
@@ -478,8 +510,9 @@ def special_id(tokenizer, names):
     raise ValueError(f"the tokenizer has none of the tokens {names}")
 
 
-def _plain(tokenizer):
-    tok = Tokenizer.from_str(tokenizer.to_str())   # a copy: the caller's tokenizer is left as it was
+def _unpadded_copy(tokenizer):
+    """A copy of the tokenizer that neither pads nor truncates; the caller's is left as it was."""
+    tok = Tokenizer.from_str(tokenizer.to_str())
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -487,47 +520,58 @@ def _plain(tokenizer):
 
 def encode_examples(examples, tokenizer, max_len=CLASSIFY_MAX_LEN):
     """[Example] -> [{"input_ids", "token_type_ids", "label"}]. Pair tasks are encoded as a pair
-    (BERT: [CLS] a [SEP] b [SEP] with token types 0 and 1). Truncation to max_len drops tokens from the
-    longer sentence first and leaves room for the [CLS]/[SEP] the post-processor adds: they are never cut."""
-    tok, pairs = _plain(tokenizer), any(e.text_b is not None for e in examples)
-    need = tok.num_special_tokens_to_add(pairs) + 1 + pairs  # tokenizers ignores a max_len below this, silently
+    (BERT: [CLS] a [SEP] b [SEP] with token types 0 and 1). Truncation to max_len drops tokens from
+    the longer sentence first and leaves room for the [CLS]/[SEP] the post-processor adds: they are
+    never cut."""
+    tok = _unpadded_copy(tokenizer)
+    pairs = any(e.text_b is not None for e in examples)
+    # tokenizers ignores a max_len below this, silently
+    need = tok.num_special_tokens_to_add(pairs) + 1 + pairs
     if max_len < need:
         raise ValueError(f"max_len {max_len} leaves no room for text: the tokenizer adds "
-                         f"{need - 1 - pairs} special tokens to each {'pair' if pairs else 'sentence'}; use >= {need}")
+                         f"{need - 1 - pairs} special tokens to each "
+                         f"{'pair' if pairs else 'sentence'}; use >= {need}")
     tok.enable_truncation(max_len)
-    encs = tok.encode_batch([e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples])
-    return [{"input_ids": np.array(x.ids, np.int32), "token_type_ids": np.array(x.type_ids, np.int32),
+    texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
+    encs = tok.encode_batch(texts)
+    return [{"input_ids": np.array(x.ids, np.int32),
+             "token_type_ids": np.array(x.type_ids, np.int32),
              "label": e.label} for x, e in zip(encs, examples)]
 
 
 def encode_lm(groups, tokenizer, eos_id, max_len=LM_MAX_LEN, where="E2E"):
-    """[(mr, [references])] -> one LM example per reference, in the template of the LoRA NLG code (gpt2_encode.py
-    with --add_bos --add_eos): input_ids = enc(mr) + [eos] + enc(" " + reference) + [eos] (GPT-2's bos is its
-    eos, <|endoftext|>: it separates context from reference). labels = input_ids on the reference and the final
-    eos, IGNORE_INDEX on the context and separator, unshifted: the loss shifts them (logits[:, t] predicts
-    labels[:, t + 1]). An example longer than max_len is cut at the end, as LoRA's loader does."""
+    """[(mr, [references])] -> one LM example per reference, in the template of the LoRA NLG code
+    (gpt2_encode.py with --add_bos --add_eos): input_ids = enc(mr) + [eos] + enc(" " + reference) +
+    [eos] (GPT-2's bos is its eos, <|endoftext|>: it separates context from reference). labels =
+    input_ids on the reference and the final eos, IGNORE_INDEX on the context and separator,
+    unshifted: the loss shifts them (logits[:, t] predicts labels[:, t + 1]). An example longer than
+    max_len is cut at the end, as LoRA's loader does."""
     pairs = [(mr, ref) for mr, refs in groups for ref in refs]
-    tok, out = _plain(tokenizer), []
+    tok, out = _unpadded_copy(tokenizer), []
     contexts = tok.encode_batch([mr for mr, _ in pairs], add_special_tokens=False)
     targets = tok.encode_batch([" " + ref for _, ref in pairs], add_special_tokens=False)
     for (mr, _), c, t in zip(pairs, contexts, targets):
         context, target = c.ids + [eos_id], t.ids + [eos_id]
         if len(context) >= max_len:
-            raise ValueError(f"{where}: the meaning representation {mr[:60]!r}... fills max_len {max_len} alone")
+            raise ValueError(f"{where}: the meaning representation {mr[:60]!r}... fills max_len "
+                             f"{max_len} alone")
         out.append({"input_ids": np.array(context + target, np.int32)[:max_len],
-                    "labels": np.array([IGNORE_INDEX] * len(context) + target, np.int32)[:max_len]})
+                    "labels": np.array([IGNORE_INDEX] * len(context) + target,
+                                       np.int32)[:max_len]})
     return out
 
 
 def encode_prompts(groups, tokenizer, eos_id):
-    """Decoding prompts, one per meaning representation: enc(mr) + [eos], the context of `encode_lm`."""
-    tok = _plain(tokenizer)
+    """Decoding prompts, one per meaning representation: enc(mr) + [eos], the context of
+    `encode_lm`."""
+    tok = _unpadded_copy(tokenizer)
     return [np.array(c.ids + [eos_id], np.int32)
             for c in tok.encode_batch([mr for mr, _ in groups], add_special_tokens=False)]
 
 
 def pad_prompts(prompts, pad_id):
-    """Left-pad prompts for batched generation: the last position of every row is its last prompt token."""
+    """Left-pad prompts for batched generation: the last position of every row is its last prompt
+    token."""
     T = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)     # (B, T)
     attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)       # (B, T)
@@ -540,8 +584,9 @@ def collate(examples, pad_id):
     """Pad one batch to its longest example, on the right. -> input_ids, attention_mask (1 = token),
     token_type_ids (encoder examples), labels: (B,) long, (B,) float for scores, (B, T) for LM."""
     B, T = len(examples), max(len(e["input_ids"]) for e in examples)
-    pads = {"input_ids": pad_id, "token_type_ids": 0, "labels": IGNORE_INDEX}   # what fills a row after its end
-    batch = {key: torch.full((B, T), pad, dtype=torch.long) for key, pad in pads.items() if key in examples[0]}
+    pads = {"input_ids": pad_id, "token_type_ids": 0, "labels": IGNORE_INDEX}  # after a row's end
+    batch = {key: torch.full((B, T), pad, dtype=torch.long)
+             for key, pad in pads.items() if key in examples[0]}
     batch["attention_mask"] = torch.zeros((B, T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
@@ -556,10 +601,13 @@ def collate(examples, pad_id):
 
 
 class Batches:
-    """An iterable over collated batches; the order is fixed when it is made (see `make_batches`)."""
+    """An iterable over collated batches; the order is fixed when it is made (see
+    `make_batches`)."""
 
     def __init__(self, examples, index_batches, pad_id):
-        self.examples, self.index_batches, self.pad_id = examples, index_batches, pad_id
+        self.examples = examples
+        self.index_batches = index_batches
+        self.pad_id = pad_id
 
     def __len__(self):
         return len(self.index_batches)
@@ -569,15 +617,17 @@ class Batches:
             yield collate([self.examples[i] for i in idx], self.pad_id)
 
 
-def make_batches(examples, batch_size, shuffle=False, seed=0, pad_id=0, rank=0, world_size=1, by_length=False):
+def make_batches(examples, batch_size, shuffle=False, seed=0, pad_id=0, rank=0, world_size=1,
+                 by_length=False):
     """One pass over `examples` in batches of batch_size (the last may be smaller). shuffle=False
-    (evaluation): in order, so predictions line up with the examples; by_length=True sorts them by length
-    first (a stable sort), which halves the padding of a sentence task, for a caller that pairs each
-    prediction with its batch's own labels rather than with the example's position. shuffle=True (training; pass seed + epoch
-    for a new order each epoch): a seeded permutation, sorted by length inside windows of BUCKET_BATCHES
-    batches (similar lengths share a batch: less padding), then the batches themselves shuffled. Data
-    parallel: every rank builds the same order and takes every world_size-th batch; when shuffling, the last
-    len % world_size batches of the epoch are skipped so that all ranks take the same number of steps."""
+    (evaluation): in order, so predictions line up with the examples; by_length=True sorts them by
+    length first (a stable sort), which halves the padding of a sentence task, for a caller that
+    pairs each prediction with its batch's own labels rather than with the example's position.
+    shuffle=True (training; pass seed + epoch for a new order each epoch): a seeded permutation,
+    sorted by length inside windows of BUCKET_BATCHES batches (similar lengths share a batch: less
+    padding), then the batches themselves shuffled. Data parallel: every rank builds the same order
+    and takes every world_size-th batch; when shuffling, the last len % world_size batches of the
+    epoch are skipped so that all ranks take the same number of steps."""
     if not examples:
         raise ValueError("no examples to batch")
     order, rng = np.arange(len(examples)), np.random.default_rng(seed)
@@ -602,41 +652,47 @@ def make_batches(examples, batch_size, shuffle=False, seed=0, pad_id=0, rank=0, 
 class TaskData:
     name: str
     splits: dict            # "train", "dev", "test" (MNLI: + "test_mismatched") -> encoded examples
-    metric: Callable        # metric(predictions, labels) -> dict; E2E: metric(hypotheses, references)
+    metric: Callable        # metric(predictions, labels) -> dict; E2E: (hypotheses, references)
     main_metric: str        # the key of metric's dict that chooses the epoch on dev and is reported
-    num_labels: int         # classifier outputs: 1 for a score (STS-B), 0 for language modelling (E2E)
+    num_labels: int         # classifier outputs: 1 for a score (STS-B), 0 for language modelling
     pad_id: int
-    texts: dict             # split -> [Example] (E2E: [(mr, [references])]), the text behind `splits`
+    texts: dict             # split -> [Example] (E2E: [(mr, [references])]): the text of `splits`
     prompts: dict = field(default_factory=dict)  # E2E: "dev", "test" -> prompt ids, one per mr
 
 
 def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEED, base_url=None,
               cache_dir=None):
-    """task: "mr" (built-in default), "e2e", or a GLUE task (mnli, qnli, sst2, qqp, mrpc, cola, rte,
-    stsb). data_dir: the GLUE root holding the task folders (default: <cache>/glue, downloaded there when
-    missing); the folder of E2E's {train,valid,test}.txt (default: valid and test downloaded to <cache>/e2e); for mr, an
-    optional folder holding the vaderSentiment sdist (default: fetched by pip into the cache). max_len
-    defaults to CLASSIFY_MAX_LEN, or LM_MAX_LEN for E2E. For all tasks "dev" chooses the epoch and
-    "test" is the reported number (for GLUE, the GLUE dev set: see `load_glue`)."""
+    """task: "mr" (built-in default), "e2e", or a GLUE task (mnli, qnli, sst2, qqp, mrpc, cola,
+    rte, stsb). data_dir: the GLUE root holding the task folders (default: <cache>/glue,
+    downloaded there when missing); the folder of E2E's {train,valid,test}.txt (default: valid and
+    test downloaded to <cache>/e2e); for mr, an optional folder holding the vaderSentiment sdist
+    (default: fetched by pip into the cache). max_len defaults to CLASSIFY_MAX_LEN, or LM_MAX_LEN
+    for E2E. For all tasks "dev" chooses the epoch and "test" is the reported number (for GLUE, the
+    GLUE dev set: see `load_glue`)."""
     task = task.lower().replace("-", "")
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise ValueError(f"{data_dir} is a file, not a folder of data files")
     pad_id = special_id(tokenizer, PAD_TOKENS)
     if task == "e2e":
-        folder, eos_id = Path(data_dir or download_e2e(cache_dir, base_url)), special_id(tokenizer, EOS_TOKENS)
+        folder = Path(data_dir or download_e2e(cache_dir, base_url))
+        eos_id = special_id(tokenizer, EOS_TOKENS)
         texts = load_e2e(folder, split_seed)
-        splits = {name: encode_lm(g, tokenizer, eos_id, max_len or LM_MAX_LEN, f"{folder}, {name} split")
+        splits = {name: encode_lm(g, tokenizer, eos_id, max_len or LM_MAX_LEN,
+                                  f"{folder}, {name} split")
                   for name, g in texts.items()}
         prompts = {name: encode_prompts(texts[name], tokenizer, eos_id) for name in ("dev", "test")}
         return TaskData(task, splits, e2e_metric, "bleu", 0, pad_id, texts, prompts)
     if task == "mr":
-        texts, metric, main, num_labels = load_mr(split_seed, cache_dir, data_dir), accuracy, "accuracy", 2
+        texts = load_mr(split_seed, cache_dir, data_dir)
+        metric, main, num_labels = accuracy, "accuracy", 2
     elif task in GLUE_TASKS:
         spec = GLUE_TASKS[task]
-        texts = load_glue(task, data_dir or Path(cache_dir or CACHE_DIR) / "glue", split_seed, base_url)
+        glue_dir = data_dir or Path(cache_dir or CACHE_DIR) / "glue"
+        texts = load_glue(task, glue_dir, split_seed, base_url)
         metric, main, num_labels = spec.metric, spec.main, len(spec.labels) if spec.labels else 1
     else:
         raise ValueError(f"unknown task {task!r}: choose mr, e2e or one of {', '.join(GLUE_TASKS)}")
-    splits = {name: encode_examples(ex, tokenizer, max_len or CLASSIFY_MAX_LEN) for name, ex in texts.items()}
+    splits = {name: encode_examples(ex, tokenizer, max_len or CLASSIFY_MAX_LEN)
+              for name, ex in texts.items()}
     return TaskData(task, splits, metric, main, num_labels, pad_id, texts)
 
