@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from formats import config_fields, read_checkpoint, read_json, resolve_checkpoint
-# TEMP: train.py still calls modeling.load_tokenizer and modeling.torch_load (remove after merging)
+# TEMP: train.py and its tests still call modeling.load_tokenizer, modeling.torch_load
+# (remove after merging: they live in formats.py)
 from formats import load_tokenizer, torch_load  # noqa: F401
 from gguf import gguf_file, gguf_llama_config, gguf_unpermute_qk, read_gguf
 
@@ -529,10 +530,8 @@ def generate(model, input_ids, max_new_tokens, num_beams=1, length_penalty=1.0,
         raise ValueError(f"generate needs a decoder (gpt2, llama), not {model.config.model_type}")
     (B, T), K = input_ids.shape, num_beams
     ids = input_ids.repeat_interleave(K, dim=0)  # (B, T) -> (B*K, T)
-    if attention_mask is None:
-        mask = torch.ones_like(ids)  # (B*K, T)
-    else:
-        mask = attention_mask.repeat_interleave(K, dim=0)  # (B, T) -> (B*K, T)
+    mask = torch.ones_like(ids) if attention_mask is None \
+        else attention_mask.repeat_interleave(K, dim=0)  # (B, T) -> (B*K, T)
     scores = torch.zeros(B, K, device=ids.device)
     scores[:, 1:] = -math.inf  # the K copies are identical: start from one, the first step branches
     done = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
