@@ -23,7 +23,8 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -214,12 +215,27 @@ def resolve_precision(choice, device):
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def run_precision(cfg, ckpt, device):
+    """The run's precision: --precision auto resolved for this device; with --resume, auto is the
+    precision the run was trained in."""
+    if ckpt is not None and cfg.precision == "auto":
+        return resolve_precision(ckpt["config"].get("precision", "auto"), device)
+    return resolve_precision(cfg.precision, device)
+
+
 def autocast(precision, device):
     """The one switch for mixed precision: matmuls in bf16 under autocast, weights and optimiser in fp32.
     Losses, the consistency KL and softmax are computed in fp32 explicitly (task_loss, consistency_loss)."""
     if precision == "bf16":
         return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
     return nullcontext()
+
+
+def average_gradients(params):
+    """Data parallel by hand: the trainable set is small, and unrouted experts have no gradient."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
 def optimizer_step(optimizer, params, cfg):
@@ -281,27 +297,31 @@ def training_loss(net, router, batch, cfg, kind):
 
 @torch.no_grad()
 def evaluate(net, router, examples, task, cfg, mode, ctx, device):
-    """The task's metrics on `examples` with the experts combined as `mode` (see adamix.set_inference)."""
+    """The task's metrics on `examples` with the experts combined as `mode` (adamix.set_inference)."""
+    kind = task_kind(task)
     net.eval()
     if router is not None:
         adamix.set_inference(net, mode)
     if cfg.eval_limit:  # a quick look: evenly spaced examples (the splits are not shuffled)
         examples = examples[::math.ceil(len(examples) / cfg.eval_limit)]
-    outputs, labels, loss_sum, tokens = [], [], 0.0, 0
+    outputs, labels = [], []  # classification and regression
+    loss_sum, tokens = 0.0, 0  # language modelling
     # sorted by length (half the padding): each prediction is scored against its own batch's labels
-    for batch in data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id, by_length=True):
+    batches = data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id, by_length=True)
+    for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with ctx:
             forward = lambda: predict(net, batch).float()
             logits = adamix.ensemble(router, forward) if mode == "ensemble" else forward()
-        if task.kind == "lm":  # dev metric of a language model: loss per target token
+        if kind == "lm":  # dev metric of a language model: loss per target token
             n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-            loss_sum, tokens = loss_sum + task_loss(logits, batch["labels"], "lm").item() * n, tokens + n
+            loss_sum += task_loss(logits, batch["labels"], "lm").item() * n
+            tokens += n
         else:
-            outputs.append(logits.squeeze(-1) if task.kind == "regression" else logits.argmax(-1))
+            outputs.append(logits.squeeze(-1) if kind == "regression" else logits.argmax(-1))
             labels.append(batch["labels"])
     net.train()
-    if task.kind == "lm":
+    if kind == "lm":
         return {"loss": loss_sum / tokens, "ppl": math.exp(loss_sum / tokens)}
     return task.metric(torch.cat(outputs).cpu().numpy(), torch.cat(labels).cpu().numpy())
 
@@ -329,6 +349,14 @@ def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split
     return task.metric(hypotheses, references)
 
 
+def expert_stats(net, router, dev, task, cfg, ctx, device):
+    """How far apart the experts are after an epoch, and (--track_experts) how each does alone."""
+    stats = dict(expert_distance=adamix.expert_distance(net))
+    if cfg.track_experts:
+        stats["dev_modes"] = track_experts(net, router, dev, task, cfg, ctx, device)
+    return stats
+
+
 def track_experts(net, router, dev, task, cfg, ctx, device):
     """Dev metrics with a random expert and with each expert alone, after an epoch. The router's generator
     is put back afterwards, so tracking does not change the routes that training draws."""
@@ -340,6 +368,86 @@ def track_experts(net, router, dev, task, cfg, ctx, device):
     return out
 
 
+# -----------------------------------------------------------------------------
+# the run's state: ckpt.pt to continue it (--resume), model.pt for its best epoch on dev
+
+@dataclass
+class RunState:
+    """The loop's own state, saved in ckpt.pt beside the weights, the optimiser and the generators.
+    run_id ties model.pt to this run: the final test never reads another run's."""
+    step: int = 0
+    best: float | None = None  # the best dev score so far
+    history: list = field(default_factory=list)  # one entry per evaluation on dev
+    losses: list = field(default_factory=list)  # this epoch's training losses, for the log
+    run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}")
+    saved: int | None = None  # the step of the last checkpoint
+    trained_s: float | None = 0.0  # training time of earlier processes of this run, up to their
+    #                                last checkpoint (None: unknown)
+    started: float = 0.0  # when this process began training (time.time()); not saved
+    # metrics.json's wall_time_s: training time over every process of the run, each up to its last
+    # checkpoint (trained_s), and this one's to its end
+
+
+def save_checkpoint(path, run, net, optimizer, router, cfg):
+    """ckpt.pt: what --resume needs to continue exactly. Every rank calls it (the dropout generators
+    of all ranks are gathered); rank 0 writes."""
+    rngs = [torch.get_rng_state()]  # dropout's generator, one state per rank
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, torch.get_rng_state())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        trained_s = None if run.trained_s is None else run.trained_s + time.time() - run.started
+        save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run.run_id, step=run.step,
+                         best=run.best, history=run.history, losses=run.losses,
+                         weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
+                         router=router.state_dict() if router is not None else None,
+                         trained_s=trained_s), path)
+    run.saved = run.step
+
+
+def resume(ckpt, path, net, optimizer, router, cfg, rank):
+    """The run as ckpt.pt left it: the weights, the optimiser, the router, this rank's dropout
+    generator, and the loop's state."""
+    with user_errors(path, (ValueError, RuntimeError, KeyError)):  # weights that do not fit the model
+        load_small_state(net, ckpt["weights"], cfg)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if router is not None:
+            router.load_state_dict(ckpt["router"])
+        torch.set_rng_state(ckpt["rng"][rank].cpu())
+    if cfg.unrouted == "zero":  # gradients are not saved: the experts that had one get their zeros back
+        for p in optimizer.state:
+            p.grad = torch.zeros_like(p)
+    if rank == 0:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return RunState(step=ckpt["step"], best=ckpt["best"], history=ckpt["history"],
+                    losses=ckpt["losses"], run_id=ckpt["run_id"], saved=ckpt["step"],
+                    trained_s=ckpt.get("trained_s"))  # absent from checkpoints before it was recorded
+
+
+def check_finite(loss, run, ckpt_path):
+    """A loss of nan or inf stops the run at once, naming the checkpoint that is left."""
+    if not torch.isfinite(loss):
+        kept = "no checkpoint yet" if run.saved is None else f"{ckpt_path} holds step {run.saved}"
+        raise SystemExit(f"step {run.step}: the loss is {loss.item()}; stopping ({kept}). "
+                         "Start again with a lower --lr, or check the data")
+
+
+def save_best(path, run, dev_metrics, net, cfg):
+    """model.pt: the small weights of the best epoch on dev so far, with the run's id. Rank 0 writes."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run.run_id, step=run.step,
+                         dev=dev_metrics, weights=small_state(net, cfg)), path)
+
+
+def load_best(path, net, cfg, device, run_id):
+    """The weights of model.pt back into net, refused unless this run wrote them."""
+    chosen = load_checkpoint(path, device, "run_id config step dev weights")
+    if chosen["run_id"] != run_id:
+        raise UserError(f"{path} was written by run {chosen['run_id']}, not this run ({run_id}): "
+                        "another run shares --out_dir? Not reporting a model this run did not train")
+    load_small_state(net, chosen["weights"], cfg)
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     tmp = Path(str(path) + ".tmp")
@@ -347,24 +455,36 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def save_atomic_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def small_state(net, cfg):
     """What deployment needs: the AdaMix experts and the head (the whole model for --method full)."""
-    return {k: v.detach().clone() for k, v in net.state_dict().items()} if cfg.method == "full" \
-        else adamix.adamix_state_dict(net, head=head_of(net), router=False)  # the router: in ckpt.pt
+    if cfg.method == "full":
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return adamix.adamix_state_dict(net, head=head_of(net), router=False)  # the router: in ckpt.pt
 
 
 def load_small_state(net, state, cfg):
     if cfg.method == "full":
         net.load_state_dict(state)  # strict
-    else:
-        adamix.load_adamix_state_dict(net, state, head=head_of(net))  # strict: missing or unexpected names are an error
+    else:  # strict: missing or unexpected names are an error
+        adamix.load_adamix_state_dict(net, state, head=head_of(net))
+
+
+RESUME_KEYS = "run_id config step best history losses weights optimizer rng router"
 
 
 def load_checkpoint(path, device, keys, cfg=None, world=1):
-    """ckpt.pt or model.pt, with every key in `keys`. With cfg (--resume): refused unless the flags equal the
-    stored ones, except MAY_CHANGE_ON_RESUME and --precision auto (the run's own), and the number of ranks is the same (it fixes the data order)."""
+    """ckpt.pt or model.pt, with every key in `keys`. With cfg (--resume): refused unless the flags
+    equal the stored ones, except those that may change on resume and --precision auto (the run's
+    own), and the number of ranks is the same (it fixes the data order)."""
     if not path.exists():
-        raise UserError(f"{path} does not exist" + (": nothing to resume, start without --resume" if cfg else ""))
+        resuming = ": nothing to resume, start without --resume" if cfg else ""
+        raise UserError(f"{path} does not exist{resuming}")
     with user_errors():
         ckpt = modeling.torch_load(path, device)
     if "weights" in ckpt:
@@ -372,230 +492,213 @@ def load_checkpoint(path, device, keys, cfg=None, world=1):
     if missing := [k for k in keys.split() if k not in ckpt]:
         raise UserError(f"{path}: not a checkpoint of this train.py (no {', '.join(missing)})")
     if cfg is not None:
-        stored, now = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}, dataclasses.asdict(cfg)
-        same = lambda k, v: stored[k] == v or (k == "precision" and v == "auto")  # auto: the run's own
+        stored = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}
         may_change = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("on_resume")}
-        if differ := [f"--{k} {stored[k]!r} (now {v!r})" for k, v in now.items()
-                      if k not in may_change and not same(k, v)]:
-            raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run with its own "
-                            "flags; pass the same ones, or start a new run in another --out_dir")
+        differ = [f"--{k} {stored[k]!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
+                  if k not in may_change and stored[k] != v
+                  and not (k == "precision" and v == "auto")]  # auto: the run's own
+        if differ:
+            raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run with "
+                            "its own flags; pass the same ones, or start a new run in another --out_dir")
         if len(ckpt["rng"]) != world:
-            raise UserError(f"{path} was made by {len(ckpt['rng'])} ranks, not {world}: resume it with as many")
+            raise UserError(f"{path} was made by {len(ckpt['rng'])} ranks, not {world}: "
+                            "resume it with as many")
     return ckpt
 
 
 # -----------------------------------------------------------------------------
+# the run: set up, build, resume, the loop, test the best epoch, report
 
-def main(cfg):
-    check_config(cfg)
-    if cfg.consistency < 0:
-        cfg = dataclasses.replace(cfg, consistency=1.0 if cfg.method.startswith("adamix") else 0.0)
-    # --- distributed set-up: torchrun sets RANK; every rank draws the same routes (same router seed)
+def init_distributed(cfg):
+    """torchrun sets RANK: one process per rank. -> (ddp, rank, world size, device)"""
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    out_dir = Path(cfg.out_dir)
-    ckpt = None
-    if cfg.resume:  # the flags are checked against the run's own before anything else loads
-        ckpt = load_checkpoint(out_dir / "ckpt.pt", device, "run_id config step best history losses weights "
-                               "optimizer rng router", cfg, world)
-        if cfg.precision == "auto":  # continue in the precision the run was trained in
-            cfg = dataclasses.replace(cfg, precision=ckpt["config"].get("precision", "auto"))
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
-    ctx = autocast(cfg.precision, device)
-    if master:  # a folder we cannot write fails now, not at the first checkpoint after an epoch of training
-        with user_errors(f"--out_dir {out_dir}"):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (probe := out_dir / f".write-test-{os.getpid()}").write_bytes(b"")
-            probe.unlink()
+    return ddp, rank, world, device
 
-    # --- data and model (the same seed on every rank, so new heads start identical), all checked before training
-    torch.manual_seed(cfg.seed)
+
+def load_task_and_model(cfg):
+    """The tokenizer, the task's encoded splits, and the model with cfg.method's modules."""
     with user_errors():
         tokenizer = modeling.load_tokenizer(cfg.model)
         task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
         net, router = build(cfg, task.num_labels or None)
-    task.kind = {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
+    return tokenizer, task, net, router
+
+
+def task_kind(task):
+    """"classification", "regression" (one output: STS-B) or "lm" (no labels: E2E)."""
+    return {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
+
+
+def select_splits(task, kind, cfg):
+    """train (with --kshot, k examples of every class), dev and test; each needs an example."""
     train, dev, test = task.splits["train"], task.splits["dev"], task.splits["test"]
     if cfg.kshot:  # few-shot: k training examples of every class
-        if task.kind != "classification":
-            raise UserError(f"--kshot {cfg.kshot}: needs a task with classes; {cfg.task} is {task.kind}")
+        if kind != "classification":
+            raise UserError(f"--kshot {cfg.kshot}: needs a task with classes; {cfg.task} is {kind}")
         with user_errors(f"--kshot {cfg.kshot}"):
             train = data.k_per_class(train, cfg.kshot, seed=cfg.seed)
     if not (train and dev and test):
-        raise UserError(f"--task {cfg.task}: {len(train)} train / {len(dev)} dev / {len(test)} test examples after "
-                        "splitting; every split needs at least one")
+        raise UserError(f"--task {cfg.task}: {len(train)} train / {len(dev)} dev / {len(test)} test "
+                        "examples after splitting; every split needs at least one")
+    return train, dev, test
+
+
+def inference_modes(cfg, kind, router):
+    """The ways of combining the experts to test: all that apply, or those of --test_modes."""
+    modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
+    if kind == "lm":  # an ensemble would average logits inside beam search: not done here
+        modes = modes[:3]
+    if cfg.test_modes:
+        modes = [m for m in cfg.test_modes.split(",") if m in modes or m.startswith("expert:") and router]
+    return modes
+
+
+def score_test(net, router, tokenizer, task, cfg, mode, ctx, device):
+    """The test split's metrics in one inference mode; for a language model, of beam search's texts."""
+    if task_kind(task) == "lm":
+        return decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device)
+    return evaluate(net, router, task.splits["test"], task, cfg, mode, ctx, device)
+
+
+def main(cfg):
+    check_config(cfg)
+    if cfg.consistency < 0:  # the method's default
+        cfg = dataclasses.replace(cfg, consistency=1.0 if cfg.method.startswith("adamix") else 0.0)
+    ddp, rank, world, device = init_distributed(cfg)  # every rank draws the same routes
+    master = rank == 0
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    # --resume: the flags are checked against the run's own before anything else loads
+    ckpt = load_checkpoint(ckpt_path, device, RESUME_KEYS, cfg, world) if cfg.resume else None
+    cfg = dataclasses.replace(cfg, precision=run_precision(cfg, ckpt, device))
+    ctx = autocast(cfg.precision, device)
+    if master:
+        check_writable(out_dir)
+
+    # --- data and model (the same seed on every rank, so new heads start identical), all checked
+    torch.manual_seed(cfg.seed)
+    tokenizer, task, net, router = load_task_and_model(cfg)
+    kind = task_kind(task)
+    train, dev, test = select_splits(task, kind, cfg)
     check_fits(net, task, cfg)
     net.to(device)
     optimizer = make_optimizer(net, cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
     counts = adamix.count_parameters(net, head=head_of(net))
-    epoch_batches = lambda epoch: data.make_batches(  # the order depends only on (seed, epoch): resumable
-        train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, pad_id=task.pad_id, rank=rank, world_size=world)
-    # an epoch's last step takes the batches left over when grad_accum does not divide them: every example is used
-    steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.grad_accum)  # counts batches without collating them
+    shuffled = partial(data.make_batches, train, cfg.batch_size, shuffle=True, pad_id=task.pad_id,
+                       rank=rank, world_size=world)
+    # an epoch's last step takes the batches left over when grad_accum does not divide them
+    steps_per_epoch = math.ceil(len(shuffled(seed=cfg.seed)) / cfg.grad_accum)  # not collated
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training examples make no batch on each of {world} ranks with "
                         f"--batch_size {cfg.batch_size}; lower it")
     if master:
-        print(f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable parameters, "
-              f"{counts['inference']:,} added at inference; {len(train):,} train / {len(dev):,} dev / "
-              f"{len(test):,} test examples; {total_steps} steps on {world} x {device} in {cfg.precision}")
+        print(f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable "
+              f"parameters, {counts['inference']:,} added at inference; {len(train):,} train / "
+              f"{len(dev):,} dev / {len(test):,} test examples; {total_steps} steps on {world} x "
+              f"{device} in {cfg.precision}")
 
-    # --- state that --resume restores. run_id ties model.pt to this run: the final test never reads another's
-    step, best, history, losses = 0, None, [], []  # losses: this epoch's training losses, for the log
-    run_id, saved = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}", None  # saved: last checkpoint's step
-    trained_s = 0.0  # training time of earlier processes of this run, up to their last checkpoint (None: unknown)
+    # --- the run's state, new or as ckpt.pt left it
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
-    if cfg.resume:
-        path = out_dir / "ckpt.pt"
-        with user_errors(path, (ValueError, RuntimeError, KeyError)):  # weights that do not fit the model
-            load_small_state(net, ckpt["weights"], cfg)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if router is not None:
-                router.load_state_dict(ckpt["router"])
-            torch.set_rng_state(ckpt["rng"][rank].cpu())
-        if cfg.unrouted == "zero":  # gradients are not saved: the experts that had one get their zeros back
-            for p in trainable:
-                if p in optimizer.state:
-                    p.grad = torch.zeros_like(p)
-        step, best, history, losses, run_id = (ckpt[k] for k in ("step", "best", "history", "losses", "run_id"))
-        trained_s = ckpt.get("trained_s")  # absent from checkpoints written before it was recorded
-        saved = step
-        if master:
-            print(f"resumed from {path} at step {step}")
+    run = resume(ckpt, ckpt_path, net, optimizer, router, cfg, rank) if cfg.resume else RunState()
     if ddp:  # every rank checks model.pt against the same id
-        dist.broadcast_object_list(ids := [run_id])
-        run_id = ids[0]
+        dist.broadcast_object_list(ids := [run.run_id])
+        run.run_id = ids[0]
 
-    def checkpoint():
-        nonlocal saved
-        rngs = [torch.get_rng_state()]  # dropout's generator, one state per rank
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, torch.get_rng_state())
-        if master:
-            save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run_id, step=step, best=best, history=history,
-                             losses=losses, weights=small_state(net, cfg), optimizer=optimizer.state_dict(),
-                             rng=rngs, router=router.state_dict() if router is not None else None,
-                             trained_s=None if trained_s is None else trained_s + time.time() - t0),
-                        out_dir / "ckpt.pt")
-        saved = step
-
-    higher_is_better = task.kind != "lm"
-    t0 = time.time()
-    start_step = step
+    start_step = run.step
+    run.started = time.time()
     batches = []
     net.train()
-    while step < total_steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        if k == 0 or not batches:
-            batches = list(epoch_batches(epoch))  # collated once per epoch; indexed to resume mid-epoch
+    while run.step < total_steps:
+        epoch, k = divmod(run.step, steps_per_epoch)
+        if k == 0 or not batches:  # collated once per epoch; indexed to resume mid-epoch
+            batches = list(shuffled(seed=cfg.seed + epoch))  # the order depends only on (seed, epoch)
 
         # --- one optimiser step: learning rate, micro-steps, clip, step, zero_grad
-        lr = get_lr(step, total_steps, cfg)
+        lr = get_lr(run.step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]  # fewer at an epoch's end
         for micro_batch in micro_batches:
             batch = {name: t.to(device) for name, t in micro_batch.items()}
             with ctx:
-                loss = training_loss(net, router, batch, cfg, task.kind)
-            if not torch.isfinite(loss):
-                kept = f"{out_dir / 'ckpt.pt'} holds step {saved}" if saved is not None else "no checkpoint yet"
-                raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping ({kept}). Start again with a "
-                                 "lower --lr, or check the data")
+                loss = training_loss(net, router, batch, cfg, kind)
+            check_finite(loss, run, ckpt_path)
             (loss / len(micro_batches)).backward()
-            losses.append(loss.item())
-        if ddp:  # average gradients by hand: the trainable set is small, and unrouted experts have none
-            for p in trainable:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            run.losses.append(loss.item())
+        if ddp:
+            average_gradients(trainable)
         optimizer_step(optimizer, trainable, cfg)
-        step += 1
+        run.step += 1
 
         # --- log, evaluate at the end of every epoch (and after the last step), checkpoint
-        if master and (step % cfg.log_interval == 0 or step == total_steps):
-            rate = (step - start_step) / (time.time() - t0)
-            print(f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                  f"{rate:.2f} steps/s | {(total_steps - step) / rate / 60:.1f} min left", flush=True)
-        if step % steps_per_epoch == 0 or step == total_steps:
+        if master and (run.step % cfg.log_interval == 0 or run.step == total_steps):
+            rate = (run.step - start_step) / (time.time() - run.started)
+            left = (total_steps - run.step) / rate / 60
+            print(f"step {run.step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | "
+                  f"lr {lr:.2e} | {rate:.2f} steps/s | {left:.1f} min left", flush=True)
+        if run.step % steps_per_epoch == 0 or run.step == total_steps:
             dev_metrics = evaluate(net, router, dev, task, cfg, "merged", ctx, device)
-            score = dev_metrics["loss" if task.kind == "lm" else task.main_metric]  # LM: pick by dev loss
-            improved = best is None or (score > best if higher_is_better else score < best)
-            history.append(dict(step=step, epoch=step / steps_per_epoch, train_loss=sum(losses) / len(losses),
-                                dev=dev_metrics, best=improved))
-            if router is not None:  # how far apart the experts are, and (optional) how each does alone
-                history[-1]["expert_distance"] = adamix.expert_distance(net)
-                if cfg.track_experts:
-                    history[-1]["dev_modes"] = track_experts(net, router, dev, task, cfg, ctx, device)
-            losses = []
+            score = dev_metrics["loss" if kind == "lm" else task.main_metric]  # LM: by dev loss
+            improved = run.best is None or (score < run.best if kind == "lm" else score > run.best)
+            train_loss = sum(run.losses) / len(run.losses)
+            run.history.append(dict(step=run.step, epoch=run.step / steps_per_epoch,
+                                    train_loss=train_loss, dev=dev_metrics, best=improved))
+            if router is not None:
+                run.history[-1].update(expert_stats(net, router, dev, task, cfg, ctx, device))
+            run.losses = []
             if improved:
-                best = score
-                if master:
-                    save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run_id, step=step, dev=dev_metrics,
-                                     weights=small_state(net, cfg)), out_dir / "model.pt")
+                run.best = score
+                save_best(out_dir / "model.pt", run, dev_metrics, net, cfg)
             if master:
-                print(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+                print(f"step {run.step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
                       + (" (best so far, saved model.pt)" if improved else ""), flush=True)
-            checkpoint()
-        if step == cfg.stop_after:
-            checkpoint()
+            save_checkpoint(ckpt_path, run, net, optimizer, router, cfg)
+        if run.step == cfg.stop_after:
+            save_checkpoint(ckpt_path, run, net, optimizer, router, cfg)
             if master:
-                print(f"stopping after step {step} as asked (--stop_after); continue with --resume")
+                print(f"stopping after step {run.step} as asked (--stop_after); continue with --resume")
             if ddp:
                 dist.destroy_process_group()
             return None
-    wall = max(time.time() - t0, 1e-9)
+    wall = max(time.time() - run.started, 1e-9)
 
     # --- test the best epoch (chosen on dev) with every way of combining the experts
     if ddp:
         dist.barrier()
-    chosen = load_checkpoint(out_dir / "model.pt", device, "run_id config step dev weights")
-    if chosen["run_id"] != run_id:
-        raise UserError(f"{out_dir / 'model.pt'} was written by run {chosen['run_id']}, not this run ({run_id}): "
-                        "another run shares --out_dir? Not reporting a model this run did not train")
-    load_small_state(net, chosen["weights"], cfg)
-    modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
-    if task.kind == "lm":  # an ensemble would average logits inside beam search: not done here
-        modes = modes[:3]
-    if cfg.test_modes:
-        modes = [m for m in cfg.test_modes.split(",") if m in modes or m.startswith("expert:") and router]
-    test_metrics = {}
-    for mode in modes:
-        test_metrics[mode] = (evaluate(net, router, test, task, cfg, mode, ctx, device) if task.kind != "lm"
-                      else decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device))
-    results = dict(config=dataclasses.asdict(cfg), run_id=run_id, parameters=counts, history=history,
-                   test=test_metrics, steps_per_s=(step - start_step) / wall, world_size=world,
-                   # training time over every process of the run (a resumed run: up to each one's last checkpoint)
-                   wall_time_s=None if trained_s is None else trained_s + wall,
+    load_best(out_dir / "model.pt", net, cfg, device, run.run_id)
+    modes = inference_modes(cfg, kind, router)
+    test_metrics = {m: score_test(net, router, tokenizer, task, cfg, m, ctx, device) for m in modes}
+    results = dict(config=dataclasses.asdict(cfg), run_id=run.run_id, parameters=counts,
+                   history=run.history, test=test_metrics, steps_per_s=(run.step - start_step) / wall,
+                   world_size=world, wall_time_s=None if run.trained_s is None else run.trained_s + wall,
                    device=device, precision=cfg.precision, train_examples=len(train))
     if master:
-        print(f"\ntest ({cfg.task}, best dev epoch, {len(test):,} examples"
-              + (f", at most {cfg.eval_limit} of them evaluated):" if cfg.eval_limit else "):"))
-        for mode, metrics in test_metrics.items():
-            print(f"  {mode:<10}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
-        save_atomic_json(results, out_dir / "metrics.json")
-        print(f"wrote {out_dir / 'metrics.json'}")
-        if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its single module?
-            single = cfg.method.removeprefix("adamix-")
-            print(f"compare with one {single} of the same inference size, same data, budget and seed:\n  "
-                  + single_module_command(cfg))
+        report(results, cfg, len(test), out_dir)
     if ddp:
         dist.destroy_process_group()
     return results
 
 
-def save_atomic_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def report(results, cfg, n_test, out_dir):
+    """The test lines, metrics.json, and after AdaMix the command that trains its single module."""
+    limit = f", at most {cfg.eval_limit} of them evaluated" if cfg.eval_limit else ""
+    print(f"\ntest ({cfg.task}, best dev epoch, {n_test:,} examples{limit}):")
+    for mode, metrics in results["test"].items():
+        print(f"  {mode:<10}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+    save_atomic_json(results, out_dir / "metrics.json")
+    print(f"wrote {out_dir / 'metrics.json'}")
+    if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its module?
+        single = cfg.method.removeprefix("adamix-")
+        print(f"compare with one {single} of the same inference size, same data, budget and seed:\n  "
+              + single_module_command(cfg))
 
 
 # -----------------------------------------------------------------------------
@@ -615,6 +718,14 @@ def user_errors(where=None, kinds=(ValueError, OSError)):
         yield
     except kinds as e:
         raise UserError(f"{where}: {e}" if where else str(e)) from e
+
+
+def check_writable(out_dir):
+    """A folder we cannot write fails now, not at the first checkpoint after an epoch of training."""
+    with user_errors(f"--out_dir {out_dir}"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (probe := out_dir / f".write-test-{os.getpid()}").write_bytes(b"")
+        probe.unlink()
 
 
 def parse_args(argv=None):
@@ -701,7 +812,8 @@ def check_fits(net, task, cfg):
     length within the positions, its token types within type_vocab_size (token ids against vocab_size are
     checked when the tokenizer loads); for E2E, each test prompt plus --max_new_tokens within the positions."""
     n, types = net.max_positions, net.config.type_vocab_size
-    if task.kind == "lm" and not net.config.decoder:
+    kind = task_kind(task)
+    if kind == "lm" and not net.config.decoder:
         raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2, Llama), "
                         f"not {net.config.model_type}")
     for split in ("train", "dev", "test"):
@@ -714,7 +826,7 @@ def check_fits(net, task, cfg):
         if net.wtt is not None and top >= types:
             raise UserError(f"{split} split: token type {top}, but {cfg.model} has type_vocab_size {types}: "
                             "a tokenizer of another model family?")
-    if task.kind == "lm" and (longest := max(map(len, task.prompts["test"]))) + cfg.max_new_tokens > n:
+    if kind == "lm" and (longest := max(map(len, task.prompts["test"]))) + cfg.max_new_tokens > n:
         raise UserError(f"test split: a prompt of {longest} tokens plus --max_new_tokens {cfg.max_new_tokens} "
                         f"is more than the {n} positions of {cfg.model}; lower --max_new_tokens")
 

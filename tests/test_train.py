@@ -407,7 +407,7 @@ def test_evaluate_by_length_scores_every_example_against_its_own_label(tmp_path)
                                          "attention_mask": torch.ones(1, len(e["input_ids"]), dtype=torch.long)})
                      .argmax(-1)) for e in examples]
     plain = sum(p == e["label"] for p, e in zip(alone, examples)) / len(examples)
-    task = types.SimpleNamespace(kind="classification", pad_id=0, metric=data.accuracy)
+    task = types.SimpleNamespace(num_labels=2, pad_id=0, metric=data.accuracy)
     cfg = types.SimpleNamespace(eval_limit=0, eval_batch_size=16)
     got = train.evaluate(net, None, examples, task, cfg, "merged", contextlib.nullcontext(), "cpu")
     assert 0.2 < plain < 0.8                       # the labels are not all predicted alike: a mix-up would show
