@@ -1,16 +1,18 @@
 """
-train.py: fine-tune a frozen pretrained Transformer with AdaMix (or a baseline) and report test metrics.
+train.py: fine-tune a frozen pretrained Transformer with AdaMix (or a baseline) and report test
+metrics.
 
-    python train.py                                   # AdaMix adapters, all-MiniLM-L6-v2, movie reviews
-    python train.py --method lora --seed 1            # a baseline
+    python train.py                       # AdaMix adapters, all-MiniLM-L6-v2, movie reviews
+    python train.py --method lora --seed 1                                   # a baseline
     python train.py --preset roberta-large-glue --task rte --data_dir glue   # the paper's setup
-    torchrun --nproc_per_node 2 train.py              # data parallel (every rank draws the same routes)
+    torchrun --nproc_per_node 2 train.py  # data parallel (every rank draws the same routes)
 
 The loop follows nanoGPT's order: learning rate, forward (two views for the consistency loss),
 backward with the loss divided by the accumulation count, clip, step, zero_grad (set_to_none unless
---unrouted zero), log; evaluate on dev after every epoch with merged experts, keep the best epoch by dev, and test
-it at the end with every inference mode (merged, random expert, expert 0, ensemble). Flags, files and the
-data's fit to the model are all checked before the first step; a bad one is one line, `error: ...`.
+--unrouted zero), log; evaluate on dev after every epoch with merged experts, keep the best epoch by
+dev, and test it at the end with every inference mode (merged, random expert, expert 0, ensemble).
+Flags, files and the data's fit to the model are all checked before the first step; a bad one is
+one line, `error: ...`.
 """
 import argparse
 import dataclasses
@@ -139,432 +141,21 @@ class TrainConfig:
 
 # the paper's configurations (the authors' scripts); pass --task and --data_dir with them
 PRESETS = {
-    "roberta-large-glue": dict(model="roberta-large", method="adamix-adapter", experts=4, bottleneck=16,
-                               share="up", lr=3e-4, epochs=20, batch_size=64, max_len=128, consistency=1.0),
-    "bert-base-glue": dict(model="bert-base-uncased", method="adamix-adapter", experts=4, bottleneck=48,
-                           share="up", lr=4e-4, epochs=40, batch_size=64, max_len=128, consistency=1.0),
-    "gpt2-medium-e2e": dict(model="gpt2-medium", task="e2e", method="adamix-lora", experts=8, lora_rank=4,
-                            lora_alpha=32.0, lora_dropout=0.1, share="up", lr=2e-4, epochs=20, batch_size=8,
-                            max_len=512, warmup=2000, label_smoothing=0.1, consistency=100.0),
+    "roberta-large-glue": dict(model="roberta-large", method="adamix-adapter", experts=4,
+                               bottleneck=16, share="up", lr=3e-4, epochs=20, batch_size=64,
+                               max_len=128, consistency=1.0),
+    "bert-base-glue": dict(model="bert-base-uncased", method="adamix-adapter", experts=4,
+                           bottleneck=48, share="up", lr=4e-4, epochs=40, batch_size=64,
+                           max_len=128, consistency=1.0),
+    "gpt2-medium-e2e": dict(model="gpt2-medium", task="e2e", method="adamix-lora", experts=8,
+                            lora_rank=4, lora_alpha=32.0, lora_dropout=0.1, share="up", lr=2e-4,
+                            epochs=20, batch_size=8, max_len=512, warmup=2000, label_smoothing=0.1,
+                            consistency=100.0),
 }
 
 
 # -----------------------------------------------------------------------------
-# the model with its adaptation modules
-
-def build(cfg, num_labels):
-    """The pretrained model, AdaMix (or a baseline) added, and only the trainable part unfrozen."""
-    return adapt(modeling.from_pretrained(cfg.model, num_labels=num_labels), cfg)
-
-
-def adapt(net, cfg):
-    """Add cfg.method's modules to `net` and freeze all but them and the head. -> (net, Router or None)"""
-    router = None
-    if cfg.method in ("adamix-adapter", "adapter", "adamix-lora", "lora"):
-        single = not cfg.method.startswith("adamix")  # a baseline is AdaMix with one expert
-        experts = 1 if single else cfg.experts
-        if cfg.method.endswith("adapter"):  # after the FFN output projection of every layer (paper Sec. 3)
-            kind, targets, r = "adapter", ["*.mlp.fc_out"], cfg.bottleneck
-        else:  # LoRA on the query and value projections
-            kind, targets, r = "lora", ["*.attn.query", "*.attn.value"], cfg.lora_rank
-        mix = adamix.AdaMixConfig(num_experts=experts, r=r, share=cfg.share, lora_alpha=cfg.lora_alpha,
-                                  lora_dropout=cfg.lora_dropout, init=cfg.expert_init)
-        router = adamix.add_adamix(net, targets, kind, mix, seed=cfg.seed)
-        router.differ = cfg.differ_routes
-    if cfg.method == "full":
-        net.requires_grad_(True)
-    else:
-        adamix.mark_only_adamix_trainable(net, head=head_of(net))
-    return net, router
-
-
-def head_of(net):  # the task head's module name, None for a language model (its LM head, wte or lm_head, stays frozen)
-    return "head" if net.head is not None else None
-
-
-def make_optimizer(net, cfg):
-    """AdamW; no weight decay on biases and LayerNorm weights (every 1-d tensor)."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def cpu_has_native_bf16(capabilities=None):
-    """Does this processor report bf16 arithmetic in hardware? x86: AVX512-BF16 or AMX-BF16; ARM: the BF16
-    extension (NEON or SVE). Decided from what the processor reports, never from a timing, so every process
-    of a run (a forked child, a resumed run) decides the same. Without it torch emulates bf16, 10-100x slower
-    than fp32. In doubt (an older torch without the detection, an unknown architecture): False, so fp32."""
-    try:
-        caps = capabilities if capabilities is not None else torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):  # torch older than the detection: ask the two older functions
-        try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return any(caps.get(flag) is True for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
-
-
-def resolve_precision(choice, device):
-    """--precision auto -> "bf16" where the device computes bf16 natively, else "fp32"; other choices as given."""
-    if choice != "auto":
-        return choice
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def run_precision(cfg, ckpt, device):
-    """The run's precision: --precision auto resolved for this device; with --resume, auto is the
-    precision the run was trained in."""
-    if ckpt is not None and cfg.precision == "auto":
-        return resolve_precision(ckpt["config"].get("precision", "auto"), device)
-    return resolve_precision(cfg.precision, device)
-
-
-def autocast(precision, device):
-    """The one switch for mixed precision: matmuls in bf16 under autocast, weights and optimiser in fp32.
-    Losses, the consistency KL and softmax are computed in fp32 explicitly (task_loss, consistency_loss)."""
-    if precision == "bf16":
-        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def average_gradients(params):
-    """Data parallel by hand: the trainable set is small, and unrouted experts have no gradient."""
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-
-
-def optimizer_step(optimizer, params, cfg):
-    """Clip, step, zero the gradients. What happens to an expert that the next step does not route:
-    --unrouted skip: its grad stays None, and AdamW leaves it exactly as it is.
-    --unrouted zero (the authors' Trainer: model.zero_grad() of torch 1.9 wrote zeros): once routed, its grad
-    is a tensor of zeros from then on, so AdamW keeps moving it along its momentum and decays its weights."""
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=cfg.unrouted == "skip")
-
-
-def get_lr(step, total, cfg):
-    """Linear warm-up to cfg.lr, then linear decay to zero at the last step."""
-    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))
-
-
-# -----------------------------------------------------------------------------
-# one forward pass, the loss, and evaluation
-
-def predict(net, batch):
-    """Logits for one batch: (B, num_labels) for classification, (B, T, V) for language modelling."""
-    hidden = net(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (B, T, C)
-    return net.classify(hidden, batch["attention_mask"]) if net.head is not None else net.lm_logits(hidden)
-
-
-def task_loss(logits, labels, kind, label_smoothing=0.0):
-    if kind == "regression":  # STS-B: one output, squared error
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if kind == "lm":  # token t predicts token t + 1; only the reference is a target (IGNORE_INDEX elsewhere)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),  # (B*(T-1), V)
-                               ignore_index=data.IGNORE_INDEX, label_smoothing=label_smoothing)
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-
-
-def training_loss(net, router, batch, cfg, kind):
-    """CE on the first view plus lambda times the consistency loss between two routed views (Eq. 3 in adamix.py)."""
-    if cfg.consistency == 0:  # one pass, the task loss alone (the baselines)
-        return task_loss(predict(net, batch), batch["labels"], kind, cfg.label_smoothing)
-    if cfg.batched_views:  # one forward of 2B examples; the first half takes route 1, the second route 2
-        doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
-        plan = router.sample(views=2) if router is not None else None
-        with router.use(plan) if router is not None else nullcontext():
-            logits_a, logits_b = predict(net, doubled).chunk(2)
-    else:  # two forwards; the router draws a fresh route for each
-        logits_a, logits_b = predict(net, batch), predict(net, batch)
-    if kind == "lm":  # the consistency term is averaged over the target tokens (official GPT-2 code)
-        reg = adamix.consistency_loss(logits_a[:, :-1].float(), logits_b[:, :-1].float(),
-                                      mask=batch["labels"][:, 1:] != data.IGNORE_INDEX, kind=cfg.consistency_kind)
-    else:
-        reg = adamix.consistency_loss(logits_a.float(), logits_b.float(),
-                                      kind="mse" if kind == "regression" else cfg.consistency_kind)
-    return task_loss(logits_a, batch["labels"], kind, cfg.label_smoothing) + cfg.consistency * reg
-
-
-@torch.no_grad()
-def evaluate(net, router, examples, task, cfg, mode, ctx, device):
-    """The task's metrics on `examples` with the experts combined as `mode` (adamix.set_inference)."""
-    kind = task_kind(task)
-    net.eval()
-    if router is not None:
-        adamix.set_inference(net, mode)
-    if cfg.eval_limit:  # a quick look: evenly spaced examples (the splits are not shuffled)
-        examples = examples[::math.ceil(len(examples) / cfg.eval_limit)]
-    outputs, labels = [], []  # classification and regression
-    loss_sum, tokens = 0.0, 0  # language modelling
-    # sorted by length (half the padding): each prediction is scored against its own batch's labels
-    batches = data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id, by_length=True)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with ctx:
-            forward = lambda: predict(net, batch).float()
-            logits = adamix.ensemble(router, forward) if mode == "ensemble" else forward()
-        if kind == "lm":  # dev metric of a language model: loss per target token
-            n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-            loss_sum += task_loss(logits, batch["labels"], "lm").item() * n
-            tokens += n
-        else:
-            outputs.append(logits.squeeze(-1) if kind == "regression" else logits.argmax(-1))
-            labels.append(batch["labels"])
-    net.train()
-    if kind == "lm":
-        return {"loss": loss_sum / tokens, "ppl": math.exp(loss_sum / tokens)}
-    return task.metric(torch.cat(outputs).cpu().numpy(), torch.cat(labels).cpu().numpy())
-
-
-@torch.no_grad()
-def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split="test"):
-    """E2E: beam-search a text for every meaning representation and score it against all its references."""
-    net.eval()
-    if router is not None:
-        adamix.set_inference(net, mode)
-    every = math.ceil(len(task.prompts[split]) / cfg.eval_limit) if cfg.eval_limit else 1
-    prompts = task.prompts[split][::every]
-    references = [refs for _, refs in task.texts[split]][::every]
-    eos = data.special_id(tokenizer, data.EOS_TOKENS)
-    hypotheses, size = [], max(1, cfg.eval_batch_size // cfg.beam)
-    for i in range(0, len(prompts), size):
-        batch = {k: v.to(device) for k, v in data.pad_prompts(prompts[i:i + size], task.pad_id).items()}
-        with ctx:
-            out = modeling.generate(net, batch["input_ids"], cfg.max_new_tokens, num_beams=cfg.beam,
-                                    length_penalty=cfg.length_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram,
-                                    eos_token_id=eos, attention_mask=batch["attention_mask"])
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():  # the new tokens, up to the first EOS
-            hypotheses.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip())
-    net.train()
-    return task.metric(hypotheses, references)
-
-
-def expert_stats(net, router, dev, task, cfg, ctx, device):
-    """How far apart the experts are after an epoch, and (--track_experts) how each does alone."""
-    stats = dict(expert_distance=adamix.expert_distance(net))
-    if cfg.track_experts:
-        stats["dev_modes"] = track_experts(net, router, dev, task, cfg, ctx, device)
-    return stats
-
-
-def track_experts(net, router, dev, task, cfg, ctx, device):
-    """Dev metrics with a random expert and with each expert alone, after an epoch. The router's generator
-    is put back afterwards, so tracking does not change the routes that training draws."""
-    state = router.generator.get_state()
-    modes = ["random"] + [f"expert:{k}" for k in range(max(max(m.sizes()) for m in router.mixtures))]
-    out = {mode: evaluate(net, router, dev, task, cfg, mode, ctx, device) for mode in modes}
-    router.generator.set_state(state)
-    adamix.set_inference(net, "merged")
-    return out
-
-
-# -----------------------------------------------------------------------------
-# the run's state: ckpt.pt to continue it (--resume), model.pt for its best epoch on dev
-
-@dataclass
-class RunState:
-    """The loop's own state, saved in ckpt.pt beside the weights, the optimiser and the generators.
-    run_id ties model.pt to this run: the final test never reads another run's."""
-    step: int = 0
-    best: float | None = None  # the best dev score so far
-    history: list = field(default_factory=list)  # one entry per evaluation on dev
-    losses: list = field(default_factory=list)  # this epoch's training losses, for the log
-    run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}")
-    saved: int | None = None  # the step of the last checkpoint
-    trained_s: float | None = 0.0  # training time of earlier processes of this run, up to their
-    #                                last checkpoint (None: unknown)
-    started: float = 0.0  # when this process began training (time.time()); not saved
-    # metrics.json's wall_time_s: training time over every process of the run, each up to its last
-    # checkpoint (trained_s), and this one's to its end
-
-
-def save_checkpoint(path, run, net, optimizer, router, cfg):
-    """ckpt.pt: what --resume needs to continue exactly. Every rank calls it (the dropout generators
-    of all ranks are gathered); rank 0 writes."""
-    rngs = [torch.get_rng_state()]  # dropout's generator, one state per rank
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, torch.get_rng_state())
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        trained_s = None if run.trained_s is None else run.trained_s + time.time() - run.started
-        save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run.run_id, step=run.step,
-                         best=run.best, history=run.history, losses=run.losses,
-                         weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
-                         router=router.state_dict() if router is not None else None,
-                         trained_s=trained_s), path)
-    run.saved = run.step
-
-
-def resume(ckpt, path, net, optimizer, router, cfg, rank):
-    """The run as ckpt.pt left it: the weights, the optimiser, the router, this rank's dropout
-    generator, and the loop's state."""
-    with user_errors(path, (ValueError, RuntimeError, KeyError)):  # weights that do not fit the model
-        load_small_state(net, ckpt["weights"], cfg)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if router is not None:
-            router.load_state_dict(ckpt["router"])
-        torch.set_rng_state(ckpt["rng"][rank].cpu())
-    if cfg.unrouted == "zero":  # gradients are not saved: the experts that had one get their zeros back
-        for p in optimizer.state:
-            p.grad = torch.zeros_like(p)
-    if rank == 0:
-        print(f"resumed from {path} at step {ckpt['step']}")
-    return RunState(step=ckpt["step"], best=ckpt["best"], history=ckpt["history"],
-                    losses=ckpt["losses"], run_id=ckpt["run_id"], saved=ckpt["step"],
-                    trained_s=ckpt.get("trained_s"))  # absent from checkpoints before it was recorded
-
-
-def check_finite(loss, run, ckpt_path):
-    """A loss of nan or inf stops the run at once, naming the checkpoint that is left."""
-    if not torch.isfinite(loss):
-        kept = "no checkpoint yet" if run.saved is None else f"{ckpt_path} holds step {run.saved}"
-        raise SystemExit(f"step {run.step}: the loss is {loss.item()}; stopping ({kept}). "
-                         "Start again with a lower --lr, or check the data")
-
-
-def save_best(path, run, dev_metrics, net, cfg):
-    """model.pt: the small weights of the best epoch on dev so far, with the run's id. Rank 0 writes."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run.run_id, step=run.step,
-                         dev=dev_metrics, weights=small_state(net, cfg)), path)
-
-
-def load_best(path, net, cfg, device, run_id):
-    """The weights of model.pt back into net, refused unless this run wrote them."""
-    chosen = load_checkpoint(path, device, "run_id config step dev weights")
-    if chosen["run_id"] != run_id:
-        raise UserError(f"{path} was written by run {chosen['run_id']}, not this run ({run_id}): "
-                        "another run shares --out_dir? Not reporting a model this run did not train")
-    load_small_state(net, chosen["weights"], cfg)
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_atomic_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def small_state(net, cfg):
-    """What deployment needs: the AdaMix experts and the head (the whole model for --method full)."""
-    if cfg.method == "full":
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return adamix.adamix_state_dict(net, head=head_of(net), router=False)  # the router: in ckpt.pt
-
-
-def load_small_state(net, state, cfg):
-    if cfg.method == "full":
-        net.load_state_dict(state)  # strict
-    else:  # strict: missing or unexpected names are an error
-        adamix.load_adamix_state_dict(net, state, head=head_of(net))
-
-
-RESUME_KEYS = "run_id config step best history losses weights optimizer rng router"
-
-
-def load_checkpoint(path, device, keys, cfg=None, world=1):
-    """ckpt.pt or model.pt, with every key in `keys`. With cfg (--resume): refused unless the flags
-    equal the stored ones, except those that may change on resume and --precision auto (the run's
-    own), and the number of ranks is the same (it fixes the data order)."""
-    if not path.exists():
-        resuming = ": nothing to resume, start without --resume" if cfg else ""
-        raise UserError(f"{path} does not exist{resuming}")
-    with user_errors():
-        ckpt = modeling.torch_load(path, device)
-    if "weights" in ckpt:
-        ckpt.setdefault("run_id", "before run ids")  # written by an older train.py: still resumable
-    if missing := [k for k in keys.split() if k not in ckpt]:
-        raise UserError(f"{path}: not a checkpoint of this train.py (no {', '.join(missing)})")
-    if cfg is not None:
-        stored = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}
-        may_change = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("on_resume")}
-        differ = [f"--{k} {stored[k]!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
-                  if k not in may_change and stored[k] != v
-                  and not (k == "precision" and v == "auto")]  # auto: the run's own
-        if differ:
-            raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run with "
-                            "its own flags; pass the same ones, or start a new run in another --out_dir")
-        if len(ckpt["rng"]) != world:
-            raise UserError(f"{path} was made by {len(ckpt['rng'])} ranks, not {world}: "
-                            "resume it with as many")
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
 # the run: set up, build, resume, the loop, test the best epoch, report
-
-def init_distributed(cfg):
-    """torchrun sets RANK: one process per rank. -> (ddp, rank, world size, device)"""
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and ddp:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return ddp, rank, world, device
-
-
-def load_task_and_model(cfg):
-    """The tokenizer, the task's encoded splits, and the model with cfg.method's modules."""
-    with user_errors():
-        tokenizer = modeling.load_tokenizer(cfg.model)
-        task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
-        net, router = build(cfg, task.num_labels or None)
-    return tokenizer, task, net, router
-
-
-def task_kind(task):
-    """"classification", "regression" (one output: STS-B) or "lm" (no labels: E2E)."""
-    return {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
-
-
-def select_splits(task, kind, cfg):
-    """train (with --kshot, k examples of every class), dev and test; each needs an example."""
-    train, dev, test = task.splits["train"], task.splits["dev"], task.splits["test"]
-    if cfg.kshot:  # few-shot: k training examples of every class
-        if kind != "classification":
-            raise UserError(f"--kshot {cfg.kshot}: needs a task with classes; {cfg.task} is {kind}")
-        with user_errors(f"--kshot {cfg.kshot}"):
-            train = data.k_per_class(train, cfg.kshot, seed=cfg.seed)
-    if not (train and dev and test):
-        raise UserError(f"--task {cfg.task}: {len(train)} train / {len(dev)} dev / {len(test)} test "
-                        "examples after splitting; every split needs at least one")
-    return train, dev, test
-
-
-def inference_modes(cfg, kind, router):
-    """The ways of combining the experts to test: all that apply, or those of --test_modes."""
-    modes = ["merged", "random", "expert:0", "ensemble"] if cfg.method.startswith("adamix") else ["merged"]
-    if kind == "lm":  # an ensemble would average logits inside beam search: not done here
-        modes = modes[:3]
-    if cfg.test_modes:
-        modes = [m for m in cfg.test_modes.split(",") if m in modes or m.startswith("expert:") and router]
-    return modes
-
-
-def score_test(net, router, tokenizer, task, cfg, mode, ctx, device):
-    """The test split's metrics in one inference mode; for a language model, of beam search's texts."""
-    if task_kind(task) == "lm":
-        return decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device)
-    return evaluate(net, router, task.splits["test"], task, cfg, mode, ctx, device)
-
 
 def main(cfg):
     check_config(cfg)
@@ -595,15 +186,10 @@ def main(cfg):
                        rank=rank, world_size=world)
     # an epoch's last step takes the batches left over when grad_accum does not divide them
     steps_per_epoch = math.ceil(len(shuffled(seed=cfg.seed)) / cfg.grad_accum)  # not collated
+    check_batches(steps_per_epoch, len(train), world, cfg)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train)} training examples make no batch on each of {world} ranks with "
-                        f"--batch_size {cfg.batch_size}; lower it")
     if master:
-        print(f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable "
-              f"parameters, {counts['inference']:,} added at inference; {len(train):,} train / "
-              f"{len(dev):,} dev / {len(test):,} test examples; {total_steps} steps on {world} x "
-              f"{device} in {cfg.precision}")
+        print(describe(cfg, counts, (train, dev, test), total_steps, world, device))
 
     # --- the run's state, new or as ckpt.pt left it
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
@@ -619,13 +205,13 @@ def main(cfg):
     while run.step < total_steps:
         epoch, k = divmod(run.step, steps_per_epoch)
         if k == 0 or not batches:  # collated once per epoch; indexed to resume mid-epoch
-            batches = list(shuffled(seed=cfg.seed + epoch))  # the order depends only on (seed, epoch)
+            batches = list(shuffled(seed=cfg.seed + epoch))  # the order: only (seed, epoch)
 
         # --- one optimiser step: learning rate, micro-steps, clip, step, zero_grad
         lr = get_lr(run.step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]  # fewer at an epoch's end
+        micro_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]  # fewer at epoch end
         for micro_batch in micro_batches:
             batch = {name: t.to(device) for name, t in micro_batch.items()}
             with ctx:
@@ -658,13 +244,15 @@ def main(cfg):
                 run.best = score
                 save_best(out_dir / "model.pt", run, dev_metrics, net, cfg)
             if master:
-                print(f"step {run.step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
-                      + (" (best so far, saved model.pt)" if improved else ""), flush=True)
+                scores = ", ".join(f"{k} {v:.4f}" for k, v in dev_metrics.items())
+                note = " (best so far, saved model.pt)" if improved else ""
+                print(f"step {run.step}: dev {scores}{note}", flush=True)
             save_checkpoint(ckpt_path, run, net, optimizer, router, cfg)
         if run.step == cfg.stop_after:
             save_checkpoint(ckpt_path, run, net, optimizer, router, cfg)
             if master:
-                print(f"stopping after step {run.step} as asked (--stop_after); continue with --resume")
+                print(f"stopping after step {run.step} as asked (--stop_after); "
+                      "continue with --resume")
             if ddp:
                 dist.destroy_process_group()
             return None
@@ -676,15 +264,89 @@ def main(cfg):
     load_best(out_dir / "model.pt", net, cfg, device, run.run_id)
     modes = inference_modes(cfg, kind, router)
     test_metrics = {m: score_test(net, router, tokenizer, task, cfg, m, ctx, device) for m in modes}
+    trained_s = None if run.trained_s is None else run.trained_s + wall
     results = dict(config=dataclasses.asdict(cfg), run_id=run.run_id, parameters=counts,
-                   history=run.history, test=test_metrics, steps_per_s=(run.step - start_step) / wall,
-                   world_size=world, wall_time_s=None if run.trained_s is None else run.trained_s + wall,
-                   device=device, precision=cfg.precision, train_examples=len(train))
+                   history=run.history, test=test_metrics,
+                   steps_per_s=(run.step - start_step) / wall, world_size=world,
+                   wall_time_s=trained_s, device=device, precision=cfg.precision,
+                   train_examples=len(train))
     if master:
         report(results, cfg, len(test), out_dir)
     if ddp:
         dist.destroy_process_group()
     return results
+
+
+def init_distributed(cfg):
+    """torchrun sets RANK: one process per rank. -> (ddp, rank, world size, device)"""
+    ddp = "RANK" in os.environ
+    if ddp:
+        gpus = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if gpus else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return ddp, rank, world, device
+
+
+def load_task_and_model(cfg):
+    """The tokenizer, the task's encoded splits, and the model with cfg.method's modules."""
+    with user_errors():
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
+        net, router = build(cfg, task.num_labels or None)
+    return tokenizer, task, net, router
+
+
+def task_kind(task):
+    """"classification", "regression" (one output: STS-B) or "lm" (no labels: E2E)."""
+    return {0: "lm", 1: "regression"}.get(task.num_labels, "classification")
+
+
+def select_splits(task, kind, cfg):
+    """train (with --kshot, k examples of every class), dev and test; each needs an example."""
+    train, dev, test = task.splits["train"], task.splits["dev"], task.splits["test"]
+    if cfg.kshot:  # few-shot: k training examples of every class
+        if kind != "classification":
+            raise UserError(f"--kshot {cfg.kshot}: needs a task with classes; {cfg.task} is {kind}")
+        with user_errors(f"--kshot {cfg.kshot}"):
+            train = data.k_per_class(train, cfg.kshot, seed=cfg.seed)
+    if not (train and dev and test):
+        sizes = f"{len(train)} train / {len(dev)} dev / {len(test)} test"
+        raise UserError(f"--task {cfg.task}: {sizes} examples after splitting; "
+                        "every split needs at least one")
+    return train, dev, test
+
+
+def describe(cfg, counts, splits, total_steps, world, device):
+    """The run's first line: the method and model, its parameters, examples and steps, and where."""
+    train, dev, test = (f"{len(split):,}" for split in splits)
+    return (f"{cfg.method} on {cfg.model} / {cfg.task}: {counts['trainable']:,} trainable "
+            f"parameters, {counts['inference']:,} added at inference; {train} train / {dev} dev / "
+            f"{test} test examples; {total_steps} steps on {world} x {device} in {cfg.precision}")
+
+
+def inference_modes(cfg, kind, router):
+    """The ways of combining the experts to test: all that apply, or those of --test_modes."""
+    modes = ["merged"]
+    if cfg.method.startswith("adamix"):
+        modes = ["merged", "random", "expert:0", "ensemble"]
+    if kind == "lm":  # an ensemble would average logits inside beam search: not done here
+        modes = modes[:3]
+    if cfg.test_modes:
+        modes = [m for m in cfg.test_modes.split(",")
+                 if m in modes or m.startswith("expert:") and router]
+    return modes
+
+
+def score_test(net, router, tokenizer, task, cfg, mode, ctx, device):
+    """The test split's metrics in one inference mode (a language model: of beam search's texts)."""
+    if task_kind(task) == "lm":
+        return decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device)
+    return evaluate(net, router, task.splits["test"], task, cfg, mode, ctx, device)
 
 
 def report(results, cfg, n_test, out_dir):
@@ -697,8 +359,415 @@ def report(results, cfg, n_test, out_dir):
     print(f"wrote {out_dir / 'metrics.json'}")
     if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its module?
         single = cfg.method.removeprefix("adamix-")
-        print(f"compare with one {single} of the same inference size, same data, budget and seed:\n  "
-              + single_module_command(cfg))
+        print(f"compare with one {single} of the same inference size, same data, budget and "
+              f"seed:\n  {single_module_command(cfg)}")
+
+
+def single_module_command(cfg):
+    """The command that trains AdaMix's single module (adapter or LoRA) with every other flag of cfg
+    kept."""
+    single = cfg.method.removeprefix("adamix-")
+    default = TrainConfig()
+    flags = [f"--method {single}", f"--task {cfg.task}", f"--epochs {cfg.epochs}",
+             f"--seed {cfg.seed}"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("adamix_only") or f.name in ("task", "epochs", "seed"):
+            continue
+        if value == getattr(default, f.name):
+            continue
+        flags.append(f"--{f.name}" if value is True else f"--no-{f.name}" if value is False
+                     else f"--{f.name} {shlex.quote(str(value))}")
+    flags.append(f"--out_dir {shlex.quote(cfg.out_dir + '-' + single)}")
+    return "python train.py " + " ".join(flags)
+
+
+# -----------------------------------------------------------------------------
+# the model with its adaptation modules
+
+def build(cfg, num_labels):
+    """The pretrained model, AdaMix (or a baseline) added, and only the trainable part unfrozen."""
+    return adapt(modeling.from_pretrained(cfg.model, num_labels=num_labels), cfg)
+
+
+def adapt(net, cfg):
+    """Add cfg.method's modules to `net` and freeze all but them and the head.
+    -> (net, Router or None)"""
+    router = None
+    if cfg.method in ("adamix-adapter", "adapter", "adamix-lora", "lora"):
+        single = not cfg.method.startswith("adamix")  # a baseline is AdaMix with one expert
+        experts = 1 if single else cfg.experts
+        if cfg.method.endswith("adapter"):  # after each layer's FFN output projection (Sec. 3)
+            kind, targets, r = "adapter", ["*.mlp.fc_out"], cfg.bottleneck
+        else:  # LoRA on the query and value projections
+            kind, targets, r = "lora", ["*.attn.query", "*.attn.value"], cfg.lora_rank
+        mix = adamix.AdaMixConfig(num_experts=experts, r=r, share=cfg.share,
+                                  lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  init=cfg.expert_init)
+        router = adamix.add_adamix(net, targets, kind, mix, seed=cfg.seed)
+        router.differ = cfg.differ_routes
+    if cfg.method == "full":
+        net.requires_grad_(True)
+    else:
+        adamix.mark_only_adamix_trainable(net, head=head_of(net))
+    return net, router
+
+
+def head_of(net):
+    """The task head's module name; None for a language model (its LM head, wte or lm_head, stays
+    frozen)."""
+    return "head" if net.head is not None else None
+
+
+def make_optimizer(net, cfg):
+    """AdamW; no weight decay on biases and LayerNorm weights (every 1-d tensor)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# -----------------------------------------------------------------------------
+# mixed precision, the learning rate, one optimiser step
+
+def cpu_has_native_bf16(capabilities=None):
+    """Does this processor report bf16 arithmetic in hardware? x86: AVX512-BF16 or AMX-BF16; ARM:
+    the BF16 extension (NEON or SVE). Decided from what the processor reports, never from a timing,
+    so every process of a run (a forked child, a resumed run) decides the same. Without it torch
+    emulates bf16, 10-100x slower than fp32. In doubt (an older torch without the detection, an
+    unknown architecture): False, so fp32."""
+    try:
+        caps = capabilities if capabilities is not None else torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch older than the detection: ask two older ones
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return any(caps.get(flag) is True for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
+def resolve_precision(choice, device):
+    """--precision auto -> "bf16" where the device computes bf16 natively, else "fp32"; other
+    choices as given."""
+    if choice != "auto":
+        return choice
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def run_precision(cfg, ckpt, device):
+    """The run's precision: --precision auto resolved for this device; with --resume, auto is the
+    precision the run was trained in."""
+    if ckpt is not None and cfg.precision == "auto":
+        return resolve_precision(ckpt["config"].get("precision", "auto"), device)
+    return resolve_precision(cfg.precision, device)
+
+
+def autocast(precision, device):
+    """The one switch for mixed precision: matmuls in bf16 under autocast, weights and optimiser in
+    fp32. Losses, the consistency KL and softmax are computed in fp32 explicitly (task_loss,
+    consistency_loss)."""
+    if precision == "bf16":
+        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def get_lr(step, total, cfg):
+    """Linear warm-up to cfg.lr, then linear decay to zero at the last step."""
+    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))
+
+
+def average_gradients(params):
+    """Data parallel by hand: the trainable set is small, and unrouted experts have no gradient."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+def optimizer_step(optimizer, params, cfg):
+    """Clip, step, zero the gradients. What happens to an expert that the next step does not route:
+    --unrouted skip: its grad stays None, and AdamW leaves it exactly as it is.
+    --unrouted zero (the authors' Trainer: model.zero_grad() of torch 1.9 wrote zeros): once routed,
+    its grad is a tensor of zeros from then on, so AdamW keeps moving it along its momentum and
+    decays its weights."""
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=cfg.unrouted == "skip")
+
+
+# -----------------------------------------------------------------------------
+# one forward pass, the loss, and evaluation
+
+def predict(net, batch):
+    """Logits for one batch: (B, num_labels) for classification, (B, T, V) for language models."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+    hidden = net(ids, mask, batch.get("token_type_ids"))  # (B, T, C)
+    if net.head is not None:
+        return net.classify(hidden, mask)  # (B, num_labels)
+    return net.lm_logits(hidden)  # (B, T, V)
+
+
+def task_loss(logits, labels, kind, label_smoothing=0.0):
+    if kind == "regression":  # STS-B: one output, squared error
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    if kind == "lm":  # token t predicts token t + 1; only the reference is a target (IGNORE_INDEX:
+        # the prompt and the padding)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),  # (B*(T-1), V)
+                               labels[:, 1:].flatten(), ignore_index=data.IGNORE_INDEX,
+                               label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def training_loss(net, router, batch, cfg, kind):
+    """CE on the first view plus lambda times the consistency loss between two routed views (Eq. 3
+    in adamix.py)."""
+    if cfg.consistency == 0:  # one pass, the task loss alone (the baselines)
+        return task_loss(predict(net, batch), batch["labels"], kind, cfg.label_smoothing)
+    if cfg.batched_views:  # one forward of 2B examples: the first half takes route 1, the rest 2
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+        plan = router.sample(views=2) if router is not None else None
+        with router.use(plan) if router is not None else nullcontext():
+            logits_a, logits_b = predict(net, doubled).chunk(2)
+    else:  # two forwards; the router draws a fresh route for each
+        logits_a = predict(net, batch)
+        logits_b = predict(net, batch)
+    if kind == "lm":  # the consistency term is averaged over target tokens (official GPT-2 code)
+        targets = batch["labels"][:, 1:] != data.IGNORE_INDEX
+        reg = adamix.consistency_loss(logits_a[:, :-1].float(), logits_b[:, :-1].float(),
+                                      mask=targets, kind=cfg.consistency_kind)
+    else:
+        reg = adamix.consistency_loss(logits_a.float(), logits_b.float(),
+                                      kind="mse" if kind == "regression" else cfg.consistency_kind)
+    return task_loss(logits_a, batch["labels"], kind, cfg.label_smoothing) + cfg.consistency * reg
+
+
+@torch.no_grad()
+def evaluate(net, router, examples, task, cfg, mode, ctx, device):
+    """The task's metrics on `examples`, the experts combined as `mode` (adamix.set_inference)."""
+    kind = task_kind(task)
+    net.eval()
+    if router is not None:
+        adamix.set_inference(net, mode)
+    if cfg.eval_limit:  # a quick look: evenly spaced examples (the splits are not shuffled)
+        examples = examples[::math.ceil(len(examples) / cfg.eval_limit)]
+    outputs, labels = [], []  # classification and regression
+    loss_sum, tokens = 0.0, 0  # language modelling
+    # sorted by length (half the padding): each prediction is scored against its own batch's labels
+    batches = data.make_batches(examples, cfg.eval_batch_size, pad_id=task.pad_id, by_length=True)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with ctx:
+            forward = lambda: predict(net, batch).float()
+            logits = adamix.ensemble(router, forward) if mode == "ensemble" else forward()
+        if kind == "lm":  # dev metric of a language model: loss per target token
+            n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+            loss_sum += task_loss(logits, batch["labels"], "lm").item() * n
+            tokens += n
+        else:
+            outputs.append(logits.squeeze(-1) if kind == "regression" else logits.argmax(-1))
+            labels.append(batch["labels"])
+    net.train()
+    if kind == "lm":
+        return {"loss": loss_sum / tokens, "ppl": math.exp(loss_sum / tokens)}
+    return task.metric(torch.cat(outputs).cpu().numpy(), torch.cat(labels).cpu().numpy())
+
+
+@torch.no_grad()
+def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split="test"):
+    """E2E: beam-search a text for every meaning representation and score it against all its
+    references."""
+    net.eval()
+    if router is not None:
+        adamix.set_inference(net, mode)
+    every = math.ceil(len(task.prompts[split]) / cfg.eval_limit) if cfg.eval_limit else 1
+    prompts = task.prompts[split][::every]
+    references = [refs for _, refs in task.texts[split]][::every]
+    eos = data.special_id(tokenizer, data.EOS_TOKENS)
+    hypotheses = []
+    size = max(1, cfg.eval_batch_size // cfg.beam)  # prompts per batch: each takes `beam` rows
+    for i in range(0, len(prompts), size):
+        padded = data.pad_prompts(prompts[i:i + size], task.pad_id)
+        batch = {k: v.to(device) for k, v in padded.items()}
+        with ctx:
+            out = modeling.generate(net, batch["input_ids"], cfg.max_new_tokens, num_beams=cfg.beam,
+                                    length_penalty=cfg.length_penalty,
+                                    no_repeat_ngram_size=cfg.no_repeat_ngram, eos_token_id=eos,
+                                    attention_mask=batch["attention_mask"])
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():  # new tokens, up to the first EOS
+            hypotheses.append(tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip())
+    net.train()
+    return task.metric(hypotheses, references)
+
+
+def expert_stats(net, router, dev, task, cfg, ctx, device):
+    """How far apart the experts are after an epoch, and (--track_experts) how each does alone."""
+    stats = dict(expert_distance=adamix.expert_distance(net))
+    if cfg.track_experts:
+        stats["dev_modes"] = track_experts(net, router, dev, task, cfg, ctx, device)
+    return stats
+
+
+def track_experts(net, router, dev, task, cfg, ctx, device):
+    """Dev metrics with a random expert and with each expert alone, after an epoch. The router's
+    generator is put back afterwards, so tracking does not change the routes that training draws."""
+    state = router.generator.get_state()
+    experts = max(max(m.sizes()) for m in router.mixtures)
+    modes = ["random"] + [f"expert:{k}" for k in range(experts)]
+    out = {mode: evaluate(net, router, dev, task, cfg, mode, ctx, device) for mode in modes}
+    router.generator.set_state(state)
+    adamix.set_inference(net, "merged")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the run's state: ckpt.pt to continue it (--resume), model.pt for its best epoch on dev
+
+def new_run_id():
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+
+
+@dataclass
+class RunState:
+    """The loop's own state, saved in ckpt.pt beside the weights, the optimiser and the generators.
+    run_id ties model.pt to this run: the final test never reads another run's. The run's training
+    time (metrics.json's wall_time_s) is trained_s, that of its earlier processes up to each one's
+    last checkpoint, plus this process's since `started`."""
+    step: int = 0
+    best: float | None = None  # the best dev score so far
+    history: list = field(default_factory=list)  # one entry per evaluation on dev
+    losses: list = field(default_factory=list)  # this epoch's training losses, for the log
+    run_id: str = field(default_factory=new_run_id)
+    saved: int | None = None  # the step of the last checkpoint
+    trained_s: float | None = 0.0  # None: unknown (a checkpoint written before it was recorded)
+    started: float = 0.0  # time.time() when this process began training; not saved
+
+
+def save_checkpoint(path, run, net, optimizer, router, cfg):
+    """ckpt.pt: what --resume needs to continue exactly. Every rank calls it (the dropout generators
+    of all ranks are gathered); rank 0 writes."""
+    rngs = [torch.get_rng_state()]  # dropout's generator, one state per rank
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, torch.get_rng_state())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        trained_s = None if run.trained_s is None else run.trained_s + time.time() - run.started
+        save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run.run_id, step=run.step,
+                         best=run.best, history=run.history, losses=run.losses,
+                         weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
+                         router=router.state_dict() if router is not None else None,
+                         trained_s=trained_s), path)
+    run.saved = run.step
+
+
+RESUME_KEYS = "run_id config step best history losses weights optimizer rng router"
+
+
+def resume(ckpt, path, net, optimizer, router, cfg, rank):
+    """The run as ckpt.pt left it: the weights, the optimiser, the router, this rank's dropout
+    generator, and the loop's state."""
+    with user_errors(path, (ValueError, RuntimeError, KeyError)):  # weights that do not fit
+        load_small_state(net, ckpt["weights"], cfg)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if router is not None:
+            router.load_state_dict(ckpt["router"])
+        torch.set_rng_state(ckpt["rng"][rank].cpu())
+    if cfg.unrouted == "zero":  # grads are not saved: the experts that had one get their zeros back
+        for p in optimizer.state:
+            p.grad = torch.zeros_like(p)
+    if rank == 0:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return RunState(step=ckpt["step"], best=ckpt["best"], history=ckpt["history"],
+                    losses=ckpt["losses"], run_id=ckpt["run_id"], saved=ckpt["step"],
+                    trained_s=ckpt.get("trained_s"))  # absent from older checkpoints
+
+
+def check_finite(loss, run, ckpt_path):
+    """A loss of nan or inf stops the run at once, naming the checkpoint that is left."""
+    if not torch.isfinite(loss):
+        kept = "no checkpoint yet" if run.saved is None else f"{ckpt_path} holds step {run.saved}"
+        raise SystemExit(f"step {run.step}: the loss is {loss.item()}; stopping ({kept}). "
+                         "Start again with a lower --lr, or check the data")
+
+
+def save_best(path, run, dev_metrics, net, cfg):
+    """model.pt: the small weights of the best epoch on dev so far, the run's id. Rank 0 writes."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_atomic(dict(config=dataclasses.asdict(cfg), run_id=run.run_id, step=run.step,
+                         dev=dev_metrics, weights=small_state(net, cfg)), path)
+
+
+def load_best(path, net, cfg, device, run_id):
+    """The weights of model.pt back into net, refused unless this run wrote them."""
+    chosen = load_checkpoint(path, device, "run_id config step dev weights")
+    if chosen["run_id"] != run_id:
+        raise UserError(f"{path} was written by run {chosen['run_id']}, not this run ({run_id}): "
+                        "another run shares --out_dir? "
+                        "Not reporting a model this run did not train")
+    load_small_state(net, chosen["weights"], cfg)
+
+
+def small_state(net, cfg):
+    """What deployment needs: the AdaMix experts and the head (all the model for --method full)."""
+    if cfg.method == "full":
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return adamix.adamix_state_dict(net, head=head_of(net), router=False)  # the router: in ckpt.pt
+
+
+def load_small_state(net, state, cfg):
+    if cfg.method == "full":
+        net.load_state_dict(state)  # strict
+    else:  # strict: missing or unexpected names are an error
+        adamix.load_adamix_state_dict(net, state, head=head_of(net))
+
+
+def load_checkpoint(path, device, keys, cfg=None, world=1):
+    """ckpt.pt or model.pt, with every key in `keys`. With cfg (--resume): refused unless the flags
+    equal the stored ones, except those that may change on resume and --precision auto (the run's
+    own), and the number of ranks is the same (it fixes the data order)."""
+    if not path.exists():
+        resuming = ": nothing to resume, start without --resume" if cfg else ""
+        raise UserError(f"{path} does not exist{resuming}")
+    with user_errors():
+        ckpt = modeling.torch_load(path, device)
+    if "weights" in ckpt:
+        ckpt.setdefault("run_id", "before run ids")  # written by an older train.py: still resumable
+    if missing := [k for k in keys.split() if k not in ckpt]:
+        raise UserError(f"{path}: not a checkpoint of this train.py (no {', '.join(missing)})")
+    if cfg is not None:
+        stored = {**dataclasses.asdict(TrainConfig()), **ckpt["config"]}
+        fields = dataclasses.fields(TrainConfig)
+        may_change = {f.name for f in fields if f.metadata.get("on_resume") == "may change"}
+        differ = [f"--{k} {stored[k]!r} (now {v!r})" for k, v in dataclasses.asdict(cfg).items()
+                  if k not in may_change and stored[k] != v
+                  and not (k == "precision" and v == "auto")]  # auto: the run's own
+        if differ:
+            raise UserError(f"{path} was made with {', '.join(differ)}: --resume continues a run "
+                            "with its own flags; pass the same ones, or start a new run in another "
+                            "--out_dir")
+        if len(ckpt["rng"]) != world:
+            raise UserError(f"{path} was made by {len(ckpt['rng'])} ranks, not {world}: "
+                            "resume it with as many")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_atomic_json(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -721,7 +790,8 @@ def user_errors(where=None, kinds=(ValueError, OSError)):
 
 
 def check_writable(out_dir):
-    """A folder we cannot write fails now, not at the first checkpoint after an epoch of training."""
+    """A folder we cannot write fails now, not at the first checkpoint after an epoch of
+    training."""
     with user_errors(f"--out_dir {out_dir}"):
         out_dir.mkdir(parents=True, exist_ok=True)
         (probe := out_dir / f".write-test-{os.getpid()}").write_bytes(b"")
@@ -732,7 +802,8 @@ def parse_args(argv=None):
     """Defaults from TrainConfig, then a --preset, then the flags given on the command line. The
     help of each flag is the comment next to its field in TrainConfig, so the defaults are
     documented once."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's configurations")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     groups, comments = flag_help()
@@ -745,8 +816,9 @@ def parse_args(argv=None):
                 g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
                                help=help)
             else:
-                g.add_argument(f"--{name}", type=type(default) if default is not None else str,
-                               default=None, choices=fields[name].metadata.get("choices"), help=help)
+                kind = type(default) if default is not None else str
+                choices = fields[name].metadata.get("choices")
+                g.add_argument(f"--{name}", type=kind, default=None, choices=choices, help=help)
     args = vars(p.parse_args(argv))
     overrides = PRESETS.get(args.pop("preset"), {})
     overrides.update({k: v for k, v in args.items() if v is not None})
@@ -788,17 +860,22 @@ RULES = {  # check= in TrainConfig: the rule in the words of the error message -
 def check_config(cfg):
     """Every flag's type (that of its default; floats finite), choice and range (its check in
     TrainConfig), before anything is loaded."""
-    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (str, type(None))}
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,),
+             type(None): (str, type(None))}  # data_dir: None or a folder
     fields = dataclasses.fields(cfg)
     for f in fields:  # argparse gives the right types; a caller of main() may not
         v, ok = getattr(cfg, f.name), kinds[type(f.default)]
         if type(v) not in ok or (type(v) is float and not math.isfinite(v)):
             expected = "a finite number" if float in ok else ok[0].__name__
             raise UserError(f"--{f.name} {v!r}: expected {expected}")
-    bad = [f"--{f.name} {getattr(cfg, f.name)!r}: must be {rule}" for rule, test in RULES.items()
-           for f in fields if f.metadata.get("check") == rule and not test(getattr(cfg, f.name))]
-    bad += [f"--{f.name} {getattr(cfg, f.name)!r}: choose one of {', '.join(f.metadata['choices'])}"
-            for f in fields if getattr(cfg, f.name) not in f.metadata.get("choices", [getattr(cfg, f.name)])]
+    bad = []
+    for rule, test in RULES.items():
+        bad += [f"--{f.name} {getattr(cfg, f.name)!r}: must be {rule}" for f in fields
+                if f.metadata.get("check") == rule and not test(getattr(cfg, f.name))]
+    for f in fields:
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            bad.append(f"--{f.name} {getattr(cfg, f.name)!r}: choose one of {', '.join(choices)}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
         bad.append("--epochs 0 and --max_steps 0: nothing to train")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -808,45 +885,42 @@ def check_config(cfg):
 
 
 def check_fits(net, task, cfg):
-    """Every example of the splits this run reads fits the model, so that nothing fails after training: its
-    length within the positions, its token types within type_vocab_size (token ids against vocab_size are
-    checked when the tokenizer loads); for E2E, each test prompt plus --max_new_tokens within the positions."""
-    n, types = net.max_positions, net.config.type_vocab_size
+    """Every example of the splits this run reads fits the model, so that nothing fails after
+    training: its length within the positions, its token types within type_vocab_size (token ids
+    against vocab_size are checked when the tokenizer loads); for E2E, each test prompt plus
+    --max_new_tokens within the positions."""
+    n = net.max_positions
+    types = net.config.type_vocab_size
     kind = task_kind(task)
     if kind == "lm" and not net.config.decoder:
-        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder (GPT-2, Llama), "
-                        f"not {net.config.model_type}")
+        raise UserError(f"--task {cfg.task} trains a language model: --model must be a decoder "
+                        f"(GPT-2, Llama), not {net.config.model_type}")
     for split in ("train", "dev", "test"):
-        longest = max(len(e["input_ids"]) for e in task.splits[split])
+        examples = task.splits[split]
+        longest = max(len(e["input_ids"]) for e in examples)
         if longest > n:
-            raise UserError(f"{split} split: an example of {longest} tokens, but {cfg.model} has {n} positions: "
-                            f"use --max_len {n} or less")
-        top = max((int(e["token_type_ids"].max(initial=0)) for e in task.splits[split] if "token_type_ids" in e),
-                  default=0)
+            raise UserError(f"{split} split: an example of {longest} tokens, but {cfg.model} has "
+                            f"{n} positions: use --max_len {n} or less")
+        top = max((int(e["token_type_ids"].max(initial=0)) for e in examples
+                   if "token_type_ids" in e), default=0)
         if net.wtt is not None and top >= types:
-            raise UserError(f"{split} split: token type {top}, but {cfg.model} has type_vocab_size {types}: "
-                            "a tokenizer of another model family?")
+            raise UserError(f"{split} split: token type {top}, but {cfg.model} has type_vocab_size "
+                            f"{types}: a tokenizer of another model family?")
     if kind == "lm" and (longest := max(map(len, task.prompts["test"]))) + cfg.max_new_tokens > n:
-        raise UserError(f"test split: a prompt of {longest} tokens plus --max_new_tokens {cfg.max_new_tokens} "
-                        f"is more than the {n} positions of {cfg.model}; lower --max_new_tokens")
+        raise UserError(f"test split: a prompt of {longest} tokens plus --max_new_tokens "
+                        f"{cfg.max_new_tokens} is more than the {n} positions of {cfg.model}; "
+                        "lower --max_new_tokens")
 
 
-def single_module_command(cfg):
-    """The command that trains AdaMix's single module (adapter or LoRA) with every other flag of cfg kept."""
-    single, default = cfg.method.removeprefix("adamix-"), TrainConfig()
-    flags = [f"--method {single}", f"--task {cfg.task}", f"--epochs {cfg.epochs}", f"--seed {cfg.seed}"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("adamix_only") or f.name in ("task", "epochs", "seed") \
-                or value == getattr(default, f.name):
-            continue
-        flags.append(f"--{f.name}" if value is True else f"--no-{f.name}" if value is False
-                     else f"--{f.name} {shlex.quote(str(value))}")
-    return "python train.py " + " ".join(flags + [f"--out_dir {shlex.quote(cfg.out_dir + '-' + single)}"])
+def check_batches(steps_per_epoch, n_train, world, cfg):
+    """Every rank has at least one batch to train on."""
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_train} training examples make no batch on each of {world} ranks "
+                        f"with --batch_size {cfg.batch_size}; lower it")
 
 
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except UserError as e:  # a bad flag, file or state: one line; anything else is a bug and shows its traceback
+    except UserError as e:  # a bad flag, file or state: one line; a bug shows its traceback
         sys.exit(f"error: {e}")
