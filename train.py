@@ -25,8 +25,8 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -198,6 +198,7 @@ def main(cfg):
         dist.broadcast_object_list(ids := [run.run_id])
         run.run_id = ids[0]
 
+    # --- the loop: an optimiser step, then the log, dev after every epoch, and the checkpoint
     start_step = run.step
     run.started = time.time()
     batches = []
@@ -445,7 +446,7 @@ def cpu_has_native_bf16(capabilities=None):
             return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         except (AttributeError, RuntimeError):
             return False
-    return any(caps.get(flag) is True for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    return any(caps.get(name) is True for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
 def resolve_precision(choice, device):
@@ -517,8 +518,9 @@ def predict(net, batch):
 def task_loss(logits, labels, kind, label_smoothing=0.0):
     if kind == "regression":  # STS-B: one output, squared error
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if kind == "lm":  # token t predicts token t + 1; only the reference is a target (IGNORE_INDEX:
-        # the prompt and the padding)
+    # a language model: token t predicts token t + 1; only the reference is a target (IGNORE_INDEX
+    # elsewhere)
+    if kind == "lm":
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),  # (B*(T-1), V)
                                labels[:, 1:].flatten(), ignore_index=data.IGNORE_INDEX,
                                label_smoothing=label_smoothing)
@@ -666,7 +668,7 @@ def save_checkpoint(path, run, net, optimizer, router, cfg):
     run.saved = run.step
 
 
-RESUME_KEYS = "run_id config step best history losses weights optimizer rng router"
+RESUME_KEYS = "run_id config step best history losses weights optimizer rng router"  # of ckpt.pt
 
 
 def resume(ckpt, path, net, optimizer, router, cfg, rank):
@@ -830,9 +832,9 @@ def flag_help():
     -> ({group title: [flag names]}, {flag name: help})"""
     groups, comments, after_blank = {}, {}, False
     for line in inspect.getsource(TrainConfig).splitlines():
-        if field := re.fullmatch(r"    (\w+): [^#]*(?:# ?(.*))?", line):
-            name = field[1]
-            comments[name] = field[2] or ""
+        if declared := re.fullmatch(r"    (\w+): [^#]*(?:# ?(.*))?", line):  # a field
+            name = declared[1]
+            comments[name] = declared[2] or ""
             groups[title].append(name)
         elif more := re.fullmatch(r"        # ?(.*)", line):  # the field's comment, continued
             comments[name] = f"{comments[name]} {more[1]}".strip()
