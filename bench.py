@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import adamix
-import model as modeling
+from model import from_pretrained, generate
 import train
 
 TRAINING = {  # name: train.py flags; the two views of AdaMix are the consistency loss's two passes
@@ -102,10 +102,10 @@ def matmul_flops_per_s(n, c, device, dtype):
 def bench(args):
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     precisions = args.precisions.split(",")  # each row is timed in every precision, in the same rounds
-    base = modeling.from_pretrained(args.model)
+    base = from_pretrained(args.model)
     decoder = base.config.decoder  # a language model: next-token loss, and decoding speed
     if not decoder:
-        base = modeling.from_pretrained(args.model, num_labels=2)
+        base = from_pretrained(args.model, num_labels=2)
     kind = "lm" if decoder else "classification"
     B, T, V = args.batch_size, args.seq_len, base.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -171,7 +171,7 @@ def bench(args):
     if decoder:
         def decode(net, precision, cache):
             with train.autocast(precision, device):
-                modeling.generate(net, prompt, args.new_tokens, use_cache=cache)
+                generate(net, prompt, args.new_tokens, use_cache=cache)
         jobs = {(n, p, c): lambda n=n, p=p, c=c: decode(nets[n, p], p, c)
                 for n in DECODING for p in precisions for c in (True, False)}
         decode_s = interleaved(jobs, args.rounds, 1, device)

@@ -31,9 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from formats import config_fields, read_checkpoint, read_json, resolve_checkpoint
-# TEMP: train.py and its tests still call modeling.load_tokenizer, modeling.torch_load
-# (remove after merging: they live in formats.py)
-from formats import load_tokenizer, torch_load  # noqa: F401
 from gguf import gguf_file, gguf_llama_config, gguf_unpermute_qk, read_gguf
 
 

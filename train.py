@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 import adamix
 import data
-import model as modeling
+from formats import load_tokenizer, torch_load
+from model import from_pretrained, generate
 
 
 def flag(default, **rules):
@@ -296,7 +297,7 @@ def init_distributed(cfg):
 def load_task_and_model(cfg):
     """The tokenizer, the task's encoded splits, and the model with cfg.method's modules."""
     with user_errors():
-        tokenizer = modeling.load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
         task = data.load_task(cfg.task, tokenizer, data_dir=cfg.data_dir, max_len=cfg.max_len)
         net, router = build(cfg, task.num_labels or None)
     return tokenizer, task, net, router
@@ -388,7 +389,7 @@ def single_module_command(cfg):
 
 def build(cfg, num_labels):
     """The pretrained model, AdaMix (or a baseline) added, and only the trainable part unfrozen."""
-    return adapt(modeling.from_pretrained(cfg.model, num_labels=num_labels), cfg)
+    return adapt(from_pretrained(cfg.model, num_labels=num_labels), cfg)
 
 
 def adapt(net, cfg):
@@ -598,7 +599,7 @@ def decode_and_score(net, router, tokenizer, task, cfg, mode, ctx, device, split
         padded = data.pad_prompts(prompts[i:i + size], task.pad_id)
         batch = {k: v.to(device) for k, v in padded.items()}
         with ctx:
-            out = modeling.generate(net, batch["input_ids"], cfg.max_new_tokens, num_beams=cfg.beam,
+            out = generate(net, batch["input_ids"], cfg.max_new_tokens, num_beams=cfg.beam,
                                     length_penalty=cfg.length_penalty,
                                     no_repeat_ngram_size=cfg.no_repeat_ngram, eos_token_id=eos,
                                     attention_mask=batch["attention_mask"])
@@ -737,7 +738,7 @@ def load_checkpoint(path, device, keys, cfg=None, world=1):
         resuming = ": nothing to resume, start without --resume" if cfg else ""
         raise UserError(f"{path} does not exist{resuming}")
     with user_errors():
-        ckpt = modeling.torch_load(path, device)
+        ckpt = torch_load(path, device)
     if "weights" in ckpt:
         ckpt.setdefault("run_id", "before run ids")  # written by an older train.py: still resumable
     if missing := [k for k in keys.split() if k not in ckpt]:

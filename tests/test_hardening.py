@@ -23,7 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import adamix
 import data
-import model as modeling
+import formats
+import model
 import train
 
 
@@ -133,7 +134,7 @@ def test_max_len_too_short_for_the_special_tokens(tiny, tmp_path):
         with pytest.raises(train.UserError, match=f"max_len {n} leaves no room for text: the tokenizer adds 2 "
                                                   "special tokens to each sentence; use >= 3"):
             train.main(cfg(tiny, tmp_path / "out", max_len=n))
-    tok = modeling.load_tokenizer(tiny[0])
+    tok = formats.load_tokenizer(tiny[0])
     with pytest.raises(ValueError, match="adds 3 special tokens to each pair; use >= 5"):
         data.encode_examples([data.Example("a film", "the plot", 1)], tok, max_len=4)
     assert len(data.encode_examples([data.Example("a film", "the plot", 1)], tok, max_len=5)[0]["input_ids"]) == 5
@@ -161,7 +162,7 @@ def test_token_types_beyond_the_model_are_refused_before_training(tmp_path):
 
 
 def test_forward_refuses_token_ids_and_types_outside_the_model():
-    net = modeling.from_pretrained(FIXTURES / "tiny-bert")  # vocab_size 1000, type_vocab_size 2
+    net = model.from_pretrained(FIXTURES / "tiny-bert")  # vocab_size 1000, type_vocab_size 2
     with pytest.raises(ValueError, match="token ids run from 1 to 1000, but the model's vocab_size is 1000"):
         net(torch.tensor([[1, 2, 1000]]))
     with pytest.raises(ValueError, match="token ids run from -1 to 2"):
@@ -237,7 +238,7 @@ def test_a_tsv_or_e2e_file_that_is_not_utf8_or_has_a_huge_line_names_file_and_li
 def test_an_e2e_meaning_representation_that_fills_max_len_names_the_folder_and_split(tmp_path):
     gpt2, e2e = tiny_e2e(tmp_path)
     with pytest.raises(ValueError, match=re.escape(f"{e2e}, train split: the meaning representation")):
-        data.load_task("e2e", modeling.load_tokenizer(gpt2), data_dir=e2e, max_len=10)
+        data.load_task("e2e", formats.load_tokenizer(gpt2), data_dir=e2e, max_len=10)
 
 
 GOOD = json.loads((FIXTURES / "tiny-bert" / "config.json").read_text())
@@ -257,7 +258,7 @@ def test_a_bad_config_json_names_the_file_and_the_key(tmp_path, text, message):
     folder = shutil.copytree(FIXTURES / "tiny-bert", tmp_path / "m")
     (folder / "config.json").write_text(text)
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'config.json'}: {message}")):
-        modeling.from_pretrained(folder, num_labels=2)
+        model.from_pretrained(folder, num_labels=2)
 
 
 class Evil:
@@ -269,23 +270,23 @@ def test_corrupt_tokenizer_and_weight_files_name_the_file(tmp_path):
     folder = tiny_checkpoint(tmp_path / "m")
     (folder / "tokenizer.json").write_text("{bad")
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'tokenizer.json'}: not a valid tokenizer file")):
-        modeling.load_tokenizer(folder)
+        formats.load_tokenizer(folder)
     (folder / "tokenizer.json").unlink()
     (folder / "tokenizer_config.json").write_text("[")
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'tokenizer_config.json'}: not valid JSON")):
-        modeling.load_tokenizer(folder)
+        formats.load_tokenizer(folder)
     (folder / "tokenizer_config.json").unlink()
     (folder / "vocab.txt").write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\ncaf\xe9\n")
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'vocab.txt'}: not a valid tokenizer file")):
-        modeling.load_tokenizer(folder)
+        formats.load_tokenizer(folder)
     weights = folder / "pytorch_model.bin"
     torch.save({"wte.weight": Evil()}, weights)
     with pytest.raises(ValueError, match=re.escape(f"{weights}: refused, it holds objects other than tensors")):
-        modeling.from_pretrained(folder)
+        model.from_pretrained(folder)
     torch.save({"a": torch.zeros(100)}, weights)
     weights.write_bytes(weights.read_bytes()[:300])
     with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable torch.save file")):
-        modeling.from_pretrained(folder)
+        model.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -351,7 +352,7 @@ def test_leftover_batches_of_gradient_accumulation_are_used(tiny, tmp_path, monk
     monkeypatch.setattr(train, "training_loss", lambda net, router, batch, *a: seen.append(len(batch["labels"]))
                         or real(net, router, batch, *a))
     results = train.main(cfg(tiny, tmp_path / "out", grad_accum=4))
-    n_train = len(data.load_task("sst2", modeling.load_tokenizer(tiny[0]), tiny[1], max_len=16).splits["train"])
+    n_train = len(data.load_task("sst2", formats.load_tokenizer(tiny[0]), tiny[1], max_len=16).splits["train"])
     assert len(seen) % 4 != 0  # the case of interest: 4 does not divide the batches
     assert sum(seen) == n_train  # every training example once
     assert results["history"][-1]["step"] == -(-len(seen) // 4)  # the last step took the leftover batches

@@ -17,7 +17,8 @@ from conftest import FIXTURES, ROOT
 
 import adamix
 import data
-import model as modeling
+import formats
+import model
 import train
 
 WORDS = "the a film movie story plot actor scene music ending it was is this one".split()
@@ -112,7 +113,7 @@ def test_resume_gives_the_same_weights_as_no_interruption(sst2, tmp_path):
 def test_batched_two_views_equal_two_passes(tmp_path):
     """With dropout off, one forward of 2B examples with routes (p, q) equals two forwards with p and q."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt", dropout=0.0)
-    net = modeling.from_pretrained(ckpt, num_labels=2)
+    net = model.from_pretrained(ckpt, num_labels=2)
     router = adamix.add_adamix(net, ["*.mlp.fc_out"], "adapter", adamix.AdaMixConfig(num_experts=3, r=4, share="none"))
     for p in adamix.mixtures(net)[0].parameters():  # move off the exact init so the experts differ clearly
         p.data.add_(0.05 * torch.randn_like(p))
@@ -371,7 +372,7 @@ def test_folded_and_collapsed_inference_in_bf16(tmp_path):
     mask = torch.ones(3, 7, dtype=torch.long)
     for kind, targets, finish in [("lora", ["*.attn.query", "*.attn.value"], adamix.fold_lora),
                                   ("adapter", ["*.mlp.fc_out"], adamix.collapse_experts)]:
-        net = modeling.from_pretrained(ckpt, num_labels=2)
+        net = model.from_pretrained(ckpt, num_labels=2)
         adamix.add_adamix(net, targets, kind, adamix.AdaMixConfig(num_experts=3, r=4))
         for p in net.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
@@ -397,7 +398,7 @@ def test_kshot_track_experts_and_identical_init(sst2, tmp_path):
 
 def test_evaluate_by_length_scores_every_example_against_its_own_label(tmp_path):
     """evaluate() batches by length; its accuracy must equal one example at a time, in the file's order."""
-    net = modeling.from_pretrained(tiny_checkpoint(tmp_path / "ckpt", dropout=0.0), num_labels=2).eval()
+    net = model.from_pretrained(tiny_checkpoint(tmp_path / "ckpt", dropout=0.0), num_labels=2).eval()
     g = torch.Generator().manual_seed(0)
     examples = [{"input_ids": torch.randint(5, 20, (int(n),), generator=g).numpy(),
                  "token_type_ids": torch.zeros(int(n), dtype=torch.long).numpy(), "label": i % 2}
@@ -541,7 +542,7 @@ def test_every_epoch_has_its_own_shuffle_drawn_from_seed_plus_epoch(small, tmp_p
     seed = 3
     train.main(config(*small, tmp_path / "out", epochs=2, seed=seed, consistency=0.0))
     ckpt, glue = small
-    task = data.load_task("sst2", modeling.load_tokenizer(ckpt), glue, max_len=16)
+    task = data.load_task("sst2", formats.load_tokenizer(ckpt), glue, max_len=16)
     for epoch in (0, 1):
         batches = data.make_batches(task.splits["train"], 16, shuffle=True, seed=seed + epoch,
                                     pad_id=task.pad_id)
