@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import adamix
+import model
 from model import from_pretrained, generate
 import train
 
@@ -97,6 +98,13 @@ def matmul_flops_per_s(n, c, device, dtype):
     a, b = torch.randn(n, c, device=device, dtype=dtype), torch.randn(c, 4 * c, device=device, dtype=dtype)
     seconds = interleaved({"mm": lambda: a @ b}, rounds=5, repeats=10, device=device)["mm"]
     return 2 * n * c * 4 * c / seconds
+
+
+def attention_path_of(T, precision, device):
+    """The attention path (model.attention_path) that training at T tokens takes in `precision`."""
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[precision]
+    q = torch.zeros(1, 1, T, 8, dtype=dtype, device=device, requires_grad=True)
+    return model.attention_path(q, q)
 
 
 def bench(args):
@@ -186,7 +194,8 @@ def bench(args):
         report["training"].setdefault(n, {})[p] = dict(
             step_ms=1e3 * s, vs_adapter=s / step_s["adapter", p], tokens_per_s=B * T / s,
             flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s, of_matmul_peak=flops[n, p] / s / peak[p],
-            saved_activations_mb=memory[n, p] / 2**20, trainable_params=trainable[n])
+            saved_activations_mb=memory[n, p] / 2**20, trainable_params=trainable[n],
+            attention=attention_path_of(T, p, device))
     for (n, p), s in infer_s.items():
         report["inference"].setdefault(n, {})[p] = dict(
             latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter", p], vs_pretrained=s / infer_s["pretrained model", p],
@@ -205,12 +214,14 @@ def print_report(r):
     ps = r["precisions"]
     vs = lambda by, key: f"{by['bf16'][key] / by['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""  # bf16/fp32
     print(f"\n{'training step':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}{'GFLOP':>8}"
-          f"{'of matmul':>11}{'act. MB':>9}{'trained':>10}" + ("  bf16/fp32" if len(ps) == 2 else ""))
+          f"{'of matmul':>11}{'act. MB':>9}{'trained':>10}{'attention':>13}"
+          + ("  bf16/fp32" if len(ps) == 2 else ""))
     for n, by in r["training"].items():
         for p, t in by.items():
             print(f"{n if p == ps[0] else '':<28}{p:>10}{t['step_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
                   f"{t['tokens_per_s']:>10.0f}{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
-                  f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}" + (vs(by, "step_ms") if p == ps[-1] else ""))
+                  f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}"
+                  f"{t.get('attention', ''):>13}" + (vs(by, "step_ms") if p == ps[-1] else ""))
     print("(plain matmul: " + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in r["matmul_flops_per_s"].items()) + ")")
     print(f"\n{'inference forward':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}"
           f"{'added params':>14}" + ("  bf16/fp32" if len(ps) == 2 else ""))
@@ -226,6 +237,67 @@ def print_report(r):
         for d in r["decoding"]:
             print(f"{d['model']:<28}{d['precision']:>10}{'yes' if d['cache'] else 'no':>7}{d['tokens_per_s']:>14.1f}"
                   f"{d['vs_pretrained']:>14.2f}")
+
+
+# -----------------------------------------------------------------------------
+# the attention rule: model.attention writes attention out where that trains faster than the fused kernel
+
+def attention_table(args):
+    """For each number of tokens T (batches of about 2,048 tokens) and precision: attention alone
+    (forward and backward, each path forced) and a whole AdaMix-adapter training step (two passes)
+    with the rule of model.attention_path against the fused kernel everywhere. -> list of rows."""
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    base = from_pretrained(args.model, num_labels=2)
+    nh, C = base.config.n_head, base.config.n_embd
+    dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    cfg = train.TrainConfig(method="adamix-adapter", experts=args.experts, bottleneck=args.bottleneck,
+                            consistency=1.0)
+    net, router = train.adapt(copy.deepcopy(base), cfg)
+    net.to(device).train()
+    rows = []
+    for T in (32, 64, 128, 256, 512):
+        B = max(1, 2048 // T)
+        q, k, v = (torch.randn(B, nh, T, C // nh, generator=g).to(device) for _ in range(3))
+        ids = torch.randint(1000, base.config.vocab_size, (B, T), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
+                 "token_type_ids": torch.zeros(B, T, dtype=torch.long),
+                 "labels": torch.randint(2, (B,), generator=g)}
+        batch = {name: t.to(device) for name, t in batch.items()}
+        for precision in args.precisions.split(","):
+            qs = [t.to(dtypes[precision]).requires_grad_() for t in (q, k, v)]
+
+            def alone(path, qs=qs):
+                real = model.attention_path
+                model.attention_path = lambda q, k: path
+                try:
+                    model.attention(*qs, None, False, 0.0).float().sum().backward()
+                finally:
+                    model.attention_path = real
+
+            def step(limit, precision=precision, batch=batch):
+                real = model.WRITTEN_OUT_MAX_KEYS
+                model.WRITTEN_OUT_MAX_KEYS = limit
+                try:
+                    with train.autocast(precision, device):
+                        loss = train.training_loss(net, router, batch, cfg, "classification")
+                    loss.backward()
+                    net.zero_grad(set_to_none=True)
+                finally:
+                    model.WRITTEN_OUT_MAX_KEYS = real
+            jobs = {"written out": lambda: alone("written out"), "fused": lambda: alone("fused"),
+                    "step, rule": lambda: step(model.WRITTEN_OUT_MAX_KEYS),
+                    "step, fused": lambda: step(0)}
+            ms = {name: 1e3 * s for name, s in
+                  interleaved(jobs, args.rounds, args.repeats, device).items()}
+            path = model.attention_path(qs[0], qs[1])
+            rows.append(dict(tokens=T, batch=B, precision=precision, path=path, **ms))
+            print(f"T {T:>4} x B {B:>3} {precision:>5}: attention written out {ms['written out']:7.1f} ms,"
+                  f" fused {ms['fused']:7.1f} ms ({ms['written out'] / ms['fused']:.2f}); AdaMix step"
+                  f" with the rule ({path}) {ms['step, rule']:7.1f} ms, fused"
+                  f" {ms['step, fused']:7.1f} ms ({ms['step, rule'] / ms['step, fused']:.2f})",
+                  flush=True)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -272,9 +344,19 @@ if __name__ == "__main__":
     p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both, comma-separated: each row in each")
     p.add_argument("--out_dir", default="out", help="the JSON report goes to OUT_DIR/bench.json")
     p.add_argument("--results", metavar="FOLDER", help="print the results table of the runs in FOLDER instead")
+    p.add_argument("--attention", action="store_true",
+                   help="measure the attention rule instead (out/bench-attention.json)")
     args = p.parse_args()
     if args.results:
         print(results_table(args.results))
+    elif args.attention:
+        rows = attention_table(args)
+        out = Path(args.out_dir) / "bench-attention.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                                       machine=platform.processor() or platform.machine(),
+                                       threads=torch.get_num_threads(), rows=rows), indent=2))
+        print(f"wrote {out}")
     else:
         report = bench(args)
         print_report(report)

@@ -149,10 +149,41 @@ class SelfAttention(nn.Module):
             k = k.repeat_interleave(g, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
             v = v.repeat_interleave(g, dim=1)  # (B, nkv, S, hs) -> (B, nh, S, hs)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=p)  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, is_causal, p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.out(y), cache
+
+
+# The fastest correct attention for training, by a rule measured with `python bench.py
+# --attention` (2026-12-05, 2-core AMD EPYC with AVX512-BF16, torch 2.13.0; README, "What it
+# costs"): the backward of torch's fused CPU kernel is slow in bf16, so written out,
+# softmax(q k^T) v trains faster up to this many keys; in fp32, on CUDA and in evaluation the
+# fused kernel (scaled_dot_product_attention) is the faster everywhere we measured.
+WRITTEN_OUT_MAX_KEYS = 256
+
+
+def attention_path(q, k):
+    """"written out" or "fused": which computation attention() uses for these queries and keys."""
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    short = k.shape[-2] <= WRITTEN_OUT_MAX_KEYS
+    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    return "written out" if training and short and cpu_bf16 else "fused"
+
+
+def attention(q, k, v, mask, is_causal, dropout_p):
+    """softmax(q k^T / sqrt(hs) + mask) v with dropout on the weights: q (B, nh, T, hs), k and v
+    (B, nh, S, hs), mask boolean (True = may attend) broadcastable to (B, nh, T, S), or None."""
+    if attention_path(q, k) == "fused":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=dropout_p)  # (B, nh, T, hs)
+    T, S = q.shape[-2], k.shape[-2]
+    if is_causal:  # query t sees keys up to t (the last T of S keys are the queries')
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+    att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, T, S)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(att.softmax(-1), dropout_p)  # (B, nh, T, S)
+    return att.to(v.dtype) @ v  # (B, nh, T, S) @ (B, nh, S, hs) -> (B, nh, T, hs)
 
 
 ACTIVATIONS = {"gelu": F.gelu,  # the erf form

@@ -409,3 +409,4 @@ def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch):
         model.from_pretrained("bert-base-uncased", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub id"):
         formats.resolve_checkpoint("no/such/../place", cache_dir=tmp_path)
+
