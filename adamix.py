@@ -123,23 +123,31 @@ class _Mixture(nn.Module):
         return len(self.adamix_down_weight), len(self.adamix_up_weight)
 
     def _side(self, name, idx=None):
-        """(W, b) of one side: mean over experts (idx None), expert idx, or stacked (P, ., .)."""
+        """(W, b) of one side: the merge (idx None: the mean over its experts, or over a soup's),
+        expert idx, or stacked (P, ., .)."""
         ws = getattr(self, f"adamix_{name}_weight")
         bs = getattr(self, f"adamix_{name}_bias")
         if idx is None:  # merged, Eq. 4. Recomputed every forward, never cached: the original
             # code's cache went stale after training; one keyed on versions misses fused steps
-            pick = lambda ps: torch.stack(list(ps)).mean(0)  # M x (out, in) -> (out, in)
+            keep = self._soup() if len(ws) > 1 else [0]  # a shared side: its one expert
+            pick = lambda ps: torch.stack([ps[i] for i in keep]).mean(0)  # M x (o, i) -> (o, i)
         elif len(idx) == 1:
             pick = lambda ps: ps[idx[0]]
         else:
             pick = lambda ps: torch.stack([ps[i] for i in idx])  # P x (out, in) -> (P, out, in)
         return pick(ws), None if bs is None else pick(bs)
 
+    def _soup(self):
+        """The experts that the merge averages: all of them, or those of the mode "soup:i,j,..."."""
+        if self.inference.startswith("soup:"):
+            return [int(k) for k in self.inference[5:].split(",")]
+        return range(max(self.sizes()))
+
     @torch.compiler.disable  # Python choices: compiled graphs get the chosen tensors, not indices
     def weights(self, x):
         """((W_down, b_down), (W_up, b_up)) for this call, by training state and inference mode."""
         mode = "route" if self.training else self.inference
-        if mode == "merged":
+        if mode == "merged" or mode.startswith("soup:"):
             self.last_route = None
             return self._side("down"), self._side("up")
         if mode.startswith("expert:"):  # expert k on mixed sides, the shared expert 0 elsewhere
@@ -314,12 +322,18 @@ def add_adamix(model, targets, kind="adapter", config=None, seed=0):
 
 def set_inference(model, mode="merged"):
     """Inference mode of every mixture (used whenever it is not training): "merged" (Eq. 4),
+    "soup:i,j,..." (the same average over the experts i, j, ... only: a soup of some of them, as
+    a greedy soup picks on held-out data; fold_lora, collapse_experts and unwrap then fold it),
     "random" (a fresh route at every call, from the router's generator), "expert:k", "ensemble"
     (only inside adamix.ensemble, which pins one route per forward; a plain forward raises)."""
-    if not (mode in ("merged", "random", "ensemble") or re.fullmatch(r"expert:\d+", mode)):
+    known = mode in ("merged", "random", "ensemble") or re.fullmatch(r"expert:\d+", mode)
+    if not (known or re.fullmatch(r"soup:\d+(,\d+)*", mode)):
         raise ValueError(f"unknown inference mode {mode!r}")
+    chosen = [int(k) for k in re.findall(r"\d+", mode)]  # expert:k or soup:i,j,...
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"{mode}: an expert twice")
     for m in mixtures(model):
-        if mode.startswith("expert:") and int(mode[7:]) >= max(m.sizes()):
+        if chosen and max(chosen) >= max(m.sizes()):
             raise ValueError(f"{mode}: the mixture has only {max(m.sizes())} experts")
         m.inference = mode
 

@@ -402,6 +402,45 @@ def test_inference_modes_by_name(s, data):
     assert router.plan is not None
 
 
+def souped(keep):  # Eq. 4 over the experts in `keep` by hand (a shared side: its one expert)
+    def choose(m):
+        sides = [side(m, "down"), side(m, "up")]
+        out = []
+        for ws, bs in sides:
+            idx = keep if len(ws) > 1 else [0]
+            out += [sum(ws[i] for i in idx) / len(idx), sum(bs[i] for i in idx) / len(idx)]
+        return out
+    return choose
+
+
+@given(setups(depth=2, experts=(2, 8)), st.data())
+def test_soup_averages_only_its_experts(s, data):
+    """soup:i,j,... is Eq. 4 over those experts; over all of them it is merged, over one expert k
+    it is expert:k; LoRA folds the soup; bad soups are refused."""
+    model, router, x = build(s)
+    model.eval()
+    M = s.cfg.num_experts
+    keep = data.draw(st.lists(st.integers(0, M - 1), min_size=1, max_size=M, unique=True))
+    adamix.set_inference(model, "soup:" + ",".join(map(str, keep)))
+    out = model(x)
+    torch.testing.assert_close(out, net_ref(model, x, souped(keep)), **TIGHT)
+    if s.kind == "lora":
+        adamix.fold_lora(model)
+        torch.testing.assert_close(model(x), out, **TIGHT)
+        adamix.unfold_lora(model)
+    adamix.set_inference(model, "soup:" + ",".join(map(str, range(M))))
+    everything = model(x)
+    adamix.set_inference(model, "merged")
+    torch.testing.assert_close(everything, model(x), **TIGHT)
+    adamix.set_inference(model, f"soup:{keep[0]}")
+    single = model(x)
+    adamix.set_inference(model, f"expert:{keep[0]}")
+    torch.testing.assert_close(single, model(x), **TIGHT)
+    for bad in ("soup:", f"soup:{M}", "soup:0,0", "soup:0;1"):
+        with pytest.raises(ValueError):
+            adamix.set_inference(model, bad)
+
+
 @given(setups(depth=2), st.sampled_from([dict(foreach=False), dict(foreach=True), dict(fused=True)]))
 def test_train_step_then_eval_serves_the_new_weights(s, opt_kwargs):
     # fused AdamW updates in place without bumping tensor version counters: a cache keyed on them
