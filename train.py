@@ -478,10 +478,11 @@ def autocast(precision, device):
 
 
 def get_lr(step, total, cfg):
-    """Linear warm-up to cfg.lr, then linear decay to zero at the last step."""
+    """Linear warm-up to cfg.lr, then linear decay to zero at the last step; never above cfg.lr
+    (a warm-up shorter than one step, --warmup 0.01 of 3 steps, would otherwise start at 33 lr)."""
     warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return cfg.lr * min(1.0, (step + 1) / warmup)
     return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))
 
 

@@ -1,0 +1,28 @@
+"""Reliability, round two (issue 24): one run at a time in an out_dir, every file written whole or
+not at all (a full disk or an unreplaceable file is one line naming it), flags that would fail or
+mislead after training refused at the start, and a learning rate that never exceeds --lr."""
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import train
+
+
+# ----------------------------------------------------------------------------- the learning rate
+
+@given(total=st.integers(1, 400),
+       warmup=st.one_of(st.floats(0, 0.999), st.floats(1, 500), st.integers(0, 500)))
+def test_the_learning_rate_never_exceeds_lr(total, warmup):
+    """A fraction that rounds below one step (--warmup 0.01 of 3 steps) used to give 33 times --lr
+    on the first step; a fractional number of steps (2.5) 1.2 times on its last warm-up step."""
+    cfg = train.TrainConfig(lr=1e-3, warmup=float(warmup))
+    rates = [train.get_lr(step, total, cfg) for step in range(total)]
+    assert all(0 < lr <= 1e-3 for lr in rates), max(rates)
+
+
+def test_a_warm_up_below_one_step_starts_at_lr():
+    """--lr 1e-3 --warmup 0.01 on a 3-step run: the warm-up ends within the first step."""
+    rates = [train.get_lr(s, 3, train.TrainConfig(lr=1e-3, warmup=0.01)) for s in range(3)]
+    assert rates[0] == 1e-3 and rates == sorted(rates, reverse=True)
