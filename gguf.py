@@ -122,6 +122,44 @@ def _gguf_get(metadata, key, path, default=None):
     return metadata.get(key, default)
 
 
+def _gguf_count(metadata, key, path, default=None):
+    """A value that counts something (heads, layers, widths): a positive integer, else an error
+    naming the key, before anything divides by it."""
+    value = _gguf_get(metadata, key, path, default)
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{path}: metadata {key!r} is {_short(value)}, expected a positive "
+                         "integer")
+    return value
+
+
+def _gguf_strings(metadata, key, path, default=None):
+    """An array of strings (tokens, merges), else an error naming the key."""
+    value = _gguf_get(metadata, key, path, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        found = f"an array holding {_short(next(v for v in value if not isinstance(v, str)))}" \
+            if isinstance(value, list) else _short(value)
+        raise ValueError(f"{path}: metadata {key!r} must be an array of strings, found {found}")
+    return value
+
+
+def _gguf_token_id(metadata, key, n_tokens, path):
+    """A token id (bos, eos) that has a token: an integer in [0, n_tokens), else an error naming
+    the key."""
+    value = metadata[key]
+    if type(value) is not int or not 0 <= value < n_tokens:
+        raise ValueError(f"{path}: metadata {key!r} is {_short(value)}, not the id of one of the "
+                         f"{n_tokens} tokens")
+    return value
+
+
+def _short(value):
+    """A metadata value in an error message: its repr, cut; lists by their length."""
+    if isinstance(value, list):
+        return f"an array of {len(value)} values"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:40] + '...'}"
+
+
 def gguf_llama_config(metadata, tensors, path):
     """The `llama.*` metadata as a Hugging Face config.json dict (formats.config_fields reads it).
     Tied embeddings when the file has no `output.weight`, as llama.cpp does. What would change the
@@ -134,24 +172,36 @@ def gguf_llama_config(metadata, tensors, path):
     if scaling or experts or "llama.attention.sliding_window" in metadata:
         raise ValueError(f"{path}: RoPE scaling, experts or sliding-window attention are not "
                          "supported")
-    n_embd = _gguf_get(metadata, "llama.embedding_length", path)
-    n_head = _gguf_get(metadata, "llama.attention.head_count", path)
+    n_embd = _gguf_count(metadata, "llama.embedding_length", path)
+    n_head = _gguf_count(metadata, "llama.attention.head_count", path)
+    n_kv_head = _gguf_count(metadata, "llama.attention.head_count_kv", path, n_head)
+    if n_embd % n_head:
+        raise ValueError(f"{path}: metadata 'llama.attention.head_count' {n_head} does not divide "
+                         f"'llama.embedding_length' {n_embd} into heads")
+    if n_head % n_kv_head:
+        raise ValueError(f"{path}: metadata 'llama.attention.head_count_kv' {n_kv_head} does not "
+                         f"divide 'llama.attention.head_count' {n_head}: query heads cannot share "
+                         "key/value heads evenly")
     if metadata.get("llama.rope.dimension_count", n_embd // n_head) != n_embd // n_head:
         raise ValueError(f"{path}: llama.rope.dimension_count "
                          f"{metadata['llama.rope.dimension_count']} is not the head size "
                          f"{n_embd // n_head} (partial rotary is not supported)")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
+    vocab_size = _gguf_count(metadata, "llama.vocab_size", path,
+                             tensors["token_embd.weight"].shape[0])
+    eos = "tokenizer.ggml.eos_token_id"
     return {"model_type": "llama", "hidden_size": n_embd, "num_attention_heads": n_head,
-            "vocab_size": metadata.get("llama.vocab_size", tensors["token_embd.weight"].shape[0]),
-            "max_position_embeddings": _gguf_get(metadata, "llama.context_length", path),
-            "num_hidden_layers": _gguf_get(metadata, "llama.block_count", path),
-            "intermediate_size": _gguf_get(metadata, "llama.feed_forward_length", path),
-            "num_key_value_heads": metadata.get("llama.attention.head_count_kv", n_head),
+            "vocab_size": vocab_size,
+            "max_position_embeddings": _gguf_count(metadata, "llama.context_length", path),
+            "num_hidden_layers": _gguf_count(metadata, "llama.block_count", path),
+            "intermediate_size": _gguf_count(metadata, "llama.feed_forward_length", path),
+            "num_key_value_heads": n_kv_head,
             "rms_norm_eps": _gguf_get(metadata, "llama.attention.layer_norm_rms_epsilon", path),
             "rope_theta": metadata.get("llama.rope.freq_base", 10000.0),
             "tie_word_embeddings": "output.weight" not in tensors,
-            "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id")}
+            "eos_token_id": _gguf_token_id(metadata, eos, vocab_size, path)
+            if eos in metadata else None}
 
 
 def gguf_unpermute_qk(tensors, n_head, n_kv_head, path):
@@ -186,8 +236,9 @@ def gguf_tokenizer(metadata, path):
     if (kind := metadata.get("tokenizer.ggml.model")) != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported "
                          "(only 'gpt2', byte-level BPE)")
-    tokens = _gguf_get(metadata, "tokenizer.ggml.tokens", path)
-    merges = [tuple(m.split(" ")) for m in metadata.get("tokenizer.ggml.merges", [])]
+    tokens = _gguf_strings(metadata, "tokenizer.ggml.tokens", path)
+    merges = [tuple(m.split(" ")) for m in _gguf_strings(metadata, "tokenizer.ggml.merges", path,
+                                                          [])]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{path}: tokenizer.ggml.merges holds an entry that is not two tokens "
                          "'a b'")
@@ -198,7 +249,7 @@ def gguf_tokenizer(metadata, path):
     tok.add_special_tokens([t for t, k in zip(tokens, types)
                             if k in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)])
     if metadata.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in metadata:
-        bos = tokens[metadata["tokenizer.ggml.bos_token_id"]]
+        bos = tokens[_gguf_token_id(metadata, "tokenizer.ggml.bos_token_id", len(tokens), path)]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))])
     return tok

@@ -10,8 +10,10 @@ import pytest
 
 import data
 import formats
+import model
 from test_data import server  # noqa: F401  (a fixture: a local http.server)
 from test_formats import fake_wheel
+from test_gguf import f32_copy
 
 # ----------------------------------------------------------------------------- archives (item 7)
 
@@ -97,3 +99,45 @@ def test_wheel_from_the_index_with_a_wrong_hash_is_not_kept(tmp_path, monkeypatc
     got = formats.pip_download("fakepkg==0.1.0", formats.sha256_of(wheel),
                                cache_dir=tmp_path / "c2")
     assert got.read_bytes() == wheel.read_bytes() and list(got.parent.iterdir()) == [got]
+
+# ----------------------------------------------------------------------------- GGUF metadata (8-10)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"llama.attention.head_count": 0},
+     "metadata 'llama.attention.head_count' is int 0, expected a positive integer"),
+    ({"llama.attention.head_count": 5},
+     "metadata 'llama.attention.head_count' 5 does not divide 'llama.embedding_length' 64"),
+    ({"llama.attention.head_count_kv": 3},
+     "metadata 'llama.attention.head_count_kv' 3 does not divide 'llama.attention.head_count' 4"),
+    ({"llama.attention.head_count_kv": 0},
+     "metadata 'llama.attention.head_count_kv' is int 0, expected a positive integer"),
+    ({"llama.embedding_length": 0},
+     "metadata 'llama.embedding_length' is int 0, expected a positive integer"),
+    ({"llama.block_count": "2"}, "metadata 'llama.block_count' is str '2', expected a positive"),
+    ({"tokenizer.ggml.eos_token_id": 1000},
+     "metadata 'tokenizer.ggml.eos_token_id' is int 1000, not the id of one of the 1000 tokens"),
+])
+def test_gguf_head_counts_and_ids_are_checked_before_use(tmp_path, changes, message):
+    path = f32_copy(tmp_path / "m.gguf", **changes)
+    for load in (model.from_pretrained, formats.load_tokenizer):
+        with pytest.raises(ValueError, match=f"{path}: {message}"):
+            load(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokenizer.ggml.tokens": [7, 8, 9]},
+     "metadata 'tokenizer.ggml.tokens' must be an array of strings, found an array holding int 7"),
+    ({"tokenizer.ggml.tokens": "<s>"},
+     "metadata 'tokenizer.ggml.tokens' must be an array of strings, found str '<s>'"),
+    ({"tokenizer.ggml.merges": [1, 2]},
+     "metadata 'tokenizer.ggml.merges' must be an array of strings, found an array holding int 1"),
+    ({"tokenizer.ggml.bos_token_id": 5000, "tokenizer.ggml.add_bos_token": True},
+     "metadata 'tokenizer.ggml.bos_token_id' is int 5000, not the id of one of the 1000 tokens"),
+    ({"tokenizer.ggml.bos_token_id": 1.0, "tokenizer.ggml.add_bos_token": True},
+     "metadata 'tokenizer.ggml.bos_token_id' is float 1.0, not the id of one of the 1000 tokens"),
+])
+def test_gguf_tokenizer_metadata_of_the_wrong_kind(tmp_path, changes, message):
+    path = f32_copy(tmp_path / "m.gguf", **changes)
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        formats.load_tokenizer(path)
