@@ -39,6 +39,10 @@ from formats import load_tokenizer, torch_load
 from model import from_pretrained, generate
 
 
+TEST_MODES = ("empty, or comma-separated merged, greedy, best-expert, random, ensemble, "
+              "expert:<k>")  # the inference modes --test_modes takes (adamix.set_inference)
+
+
 def flag(default, **rules):
     """A TrainConfig field with what the checks need to know about it. check: the rule its value
     follows, in the words of the error message (RULES, at the bottom, tests it); choices: the values
@@ -84,6 +88,9 @@ class TrainConfig:
         # run the two views as one forward of 2B examples
     differ_routes: bool = flag(False, adamix_only=True)
         # the two views never take the same route in a mixture (paper: independent draws)
+    consistency_every: int = flag(1, check=">= 1")
+        # the second pass and the consistency loss on every k-th optimiser step only (1: every
+        # step); the other steps take one pass and the task loss
 
     # optimisation (out of memory? lower batch_size and raise grad_accum)
     # (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
@@ -127,8 +134,7 @@ class TrainConfig:
     track_experts: bool = flag(False, on_resume="may change", adamix_only=True)
         # AdaMix: after every epoch also evaluate dev with a random expert and with each expert
         # alone
-    test_modes: str = flag("", on_resume="may change", adamix_only=True,
-                           check="empty, or comma-separated merged, random, ensemble, expert:<k>")
+    test_modes: str = flag("", on_resume="may change", adamix_only=True, check=TEST_MODES)
         # comma-separated inference modes to test (default: all that apply); E2E on a CPU: merged
     log_interval: int = flag(20, check=">= 1", on_resume="may change", adamix_only=True)
     out_dir: str = flag("out", check="a non-empty string", on_resume="may change", adamix_only=True)
@@ -217,7 +223,7 @@ def main(cfg):
         for micro_batch in micro_batches:
             batch = {name: t.to(device) for name, t in micro_batch.items()}
             with ctx:
-                loss = training_loss(net, router, batch, cfg, kind)
+                loss = training_loss(net, router, batch, cfg, kind, run.step)
             check_finite(loss, run, ckpt_path)
             (loss / len(micro_batches)).backward()
             run.losses.append(loss.item())
@@ -265,13 +271,17 @@ def main(cfg):
         dist.barrier()
     load_best(out_dir / "model.pt", net, cfg, device, run.run_id)
     modes = inference_modes(cfg, kind, router)
-    test_metrics = {m: score_test(net, router, tokenizer, task, cfg, m, ctx, device) for m in modes}
+    soups, chosen = {}, None  # greedy and best-expert: experts chosen on dev, then tested
+    if {"greedy", "best-expert"} & set(modes):
+        soups, chosen = choose_soups(net, router, dev, task, cfg, ctx, device)
+    test_metrics = {m: score_test(net, router, tokenizer, task, cfg, soups.get(m, m), ctx, device)
+                    for m in modes}
     trained_s = None if run.trained_s is None else run.trained_s + wall
     results = dict(config=dataclasses.asdict(cfg), run_id=run.run_id, parameters=counts,
                    history=run.history, test=test_metrics,
                    steps_per_s=(run.step - start_step) / wall, world_size=world,
                    wall_time_s=trained_s, device=device, precision=cfg.precision,
-                   train_examples=len(train))
+                   train_examples=len(train), soups=chosen)
     if master:
         report(results, cfg, len(test), out_dir)
     if ddp:
@@ -335,13 +345,35 @@ def inference_modes(cfg, kind, router):
     """The ways of combining the experts to test: all that apply, or those of --test_modes."""
     modes = ["merged"]
     if cfg.method.startswith("adamix"):
-        modes = ["merged", "random", "expert:0", "ensemble"]
-    if kind == "lm":  # an ensemble would average logits inside beam search: not done here
-        modes = modes[:3]
+        modes = ["merged", "greedy", "best-expert", "random", "expert:0", "ensemble"]
+    if kind == "lm":  # an ensemble would average logits inside beam search: not done here;
+        modes = ["merged", "random", "expert:0"]  # soups: on request (each costs a dev decode)
     if cfg.test_modes:
+        named = ("greedy", "best-expert", "expert:")
         modes = [m for m in cfg.test_modes.split(",")
-                 if m in modes or m.startswith("expert:") and router]
+                 if m in modes or m.startswith(named) and router]
     return modes
+
+
+def choose_soups(net, router, dev, task, cfg, ctx, device):
+    """The experts to average, chosen on dev (the same expert index in every mixture): best-expert
+    is the expert with the best dev score alone; greedy (a greedy soup, Wortsman et al., ICML
+    2022) takes the experts in that order and adds each to the average when dev does not get
+    worse. -> ({"best-expert": "expert:k", "greedy": "soup:i,j,..."}, what dev said)."""
+    lm = task_kind(task) == "lm"
+    metric = "loss" if lm else task.main_metric
+    better = (lambda a, b: a <= b) if lm else (lambda a, b: a >= b)  # a at least as good as b
+    dev_score = lambda mode: evaluate(net, router, dev, task, cfg, mode, ctx, device)[metric]
+    M = max(max(m.sizes()) for m in router.mixtures)
+    alone = {k: dev_score(f"expert:{k}") for k in range(M)}
+    order = sorted(alone, key=alone.get, reverse=not lm)  # the best first
+    soup, best = [order[0]], alone[order[0]]
+    for k in order[1:]:
+        score = dev_score("soup:" + ",".join(map(str, soup + [k])))
+        if better(score, best):
+            soup, best = soup + [k], score
+    modes = {"best-expert": f"expert:{order[0]}", "greedy": "soup:" + ",".join(map(str, soup))}
+    return modes, dict(dev_alone=alone, dev_greedy=best, **modes)
 
 
 def score_test(net, router, tokenizer, task, cfg, mode, ctx, device):
@@ -356,18 +388,23 @@ def report(results, cfg, n_test, out_dir):
     limit = f", at most {cfg.eval_limit} of them evaluated" if cfg.eval_limit else ""
     print(f"\ntest ({cfg.task}, best dev epoch, {n_test:,} examples{limit}):")
     for mode, metrics in results["test"].items():
-        print(f"  {mode:<10}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+        chosen = (results.get("soups") or {}).get(mode, "")  # the experts dev chose
+        print(f"  {mode:<12}" + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())
+              + (f"  ({chosen})" if chosen else ""))
     save_atomic_json(results, out_dir / "metrics.json")
     print(f"wrote {out_dir / 'metrics.json'}")
     if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its module?
         single = cfg.method.removeprefix("adamix-")
         print(f"compare with one {single} of the same inference size, same data, budget and "
-              f"seed:\n  {single_module_command(cfg)}")
+              f"seed:\n  {single_module_command(cfg)}\nand with that {single} trained with the same "
+              f"consistency loss (the regulariser without the mixture):\n  "
+              f"{single_module_command(cfg, consistency=True)}")
 
 
-def single_module_command(cfg):
+def single_module_command(cfg, consistency=False):
     """The command that trains AdaMix's single module (adapter or LoRA) with every other flag of cfg
-    kept."""
+    kept; consistency=True keeps AdaMix's consistency loss too (two passes that differ by their
+    dropout alone: the regulariser without the mixture)."""
     single = cfg.method.removeprefix("adamix-")
     default = TrainConfig()
     flags = [f"--method {single}", f"--task {cfg.task}", f"--epochs {cfg.epochs}",
@@ -380,7 +417,13 @@ def single_module_command(cfg):
             continue
         flags.append(f"--{f.name}" if value is True else f"--no-{f.name}" if value is False
                      else f"--{f.name} {shlex.quote(str(value))}")
-    flags.append(f"--out_dir {shlex.quote(cfg.out_dir + '-' + single)}")
+    suffix = single
+    if consistency:
+        flags.append(f"--consistency {cfg.consistency:g}")
+        if cfg.consistency_kind != default.consistency_kind:
+            flags.append(f"--consistency_kind {cfg.consistency_kind}")
+        suffix += "-consistency"
+    flags.append(f"--out_dir {shlex.quote(cfg.out_dir + '-' + suffix)}")
     return "python train.py " + " ".join(flags)
 
 
@@ -529,10 +572,10 @@ def task_loss(logits, labels, kind, label_smoothing=0.0):
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def training_loss(net, router, batch, cfg, kind):
+def training_loss(net, router, batch, cfg, kind, step=0):
     """CE on the first view plus lambda times the consistency loss between two routed views (Eq. 3
-    in adamix.py)."""
-    if cfg.consistency == 0:  # one pass, the task loss alone (the baselines)
+    in adamix.py); with --consistency_every k, only on every k-th step, the task loss elsewhere."""
+    if cfg.consistency == 0 or step % cfg.consistency_every:  # one pass, the task loss alone
         return task_loss(predict(net, batch), batch["labels"], kind, cfg.label_smoothing)
     if cfg.batched_views:  # one forward of 2B examples: the first half takes route 1, the rest 2
         doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
@@ -855,9 +898,9 @@ RULES = {  # check= in TrainConfig: the rule in the words of the error message -
     ">= 0, or -1 for the method's default": lambda v: v >= 0 or v == -1,
     "in [0, 2^63)": lambda v: 0 <= v < 2 ** 63,  # numpy seeds must be >= 0
     "a non-empty string": lambda v: v.strip() != "",
-    "empty, or comma-separated merged, random, ensemble, expert:<k>":
-        lambda v: v == "" or all(re.fullmatch(r"merged|random|ensemble|expert:\d+", mode)
-                                 for mode in v.split(",")),
+    TEST_MODES: lambda v: v == "" or all(
+        re.fullmatch(r"merged|greedy|best-expert|random|ensemble|expert:\d+", mode)
+        for mode in v.split(",")),
 }
 
 

@@ -16,4 +16,4 @@ def test_python_train_py_learns_movie_review_polarity(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["method"] == "adamix-adapter" and metrics["config"]["task"] == "mr"
     assert metrics["test"]["merged"]["accuracy"] > 0.70  # chance: 0.5 (the test split is about balanced)
-    assert set(metrics["test"]) == {"merged", "random", "expert:0", "ensemble"}
+    assert set(metrics["test"]) == {"merged", "greedy", "best-expert", "random", "expert:0", "ensemble"}

@@ -80,7 +80,7 @@ def test_adamix_learns_a_synthetic_task(sst2, tmp_path):
     history = results["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"] < 0.75  # falls from about ln 2
     assert results["test"]["merged"]["accuracy"] > 0.85                 # chance is 0.5
-    assert set(results["test"]) == {"merged", "random", "expert:0", "ensemble"}
+    assert set(results["test"]) == {"merged", "greedy", "best-expert", "random", "expert:0", "ensemble"}
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["test"] == results["test"] and saved["config"]["method"] == "adamix-adapter"
     assert saved["parameters"]["trainable"] > saved["parameters"]["inference"] > 0
@@ -362,7 +362,7 @@ def test_bf16_training_on_the_cpu_is_close_to_fp32(sst2, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * abs(losses["fp32"]) + 0.01
     assert runs["bf16"]["precision"] == "bf16" and runs["bf16"]["config"]["precision"] == "bf16"
-    assert set(runs["bf16"]["test"]) == {"merged", "random", "expert:0", "ensemble"}
+    assert set(runs["bf16"]["test"]) == {"merged", "greedy", "best-expert", "random", "expert:0", "ensemble"}
 
 
 def test_folded_and_collapsed_inference_in_bf16(tmp_path):
@@ -429,6 +429,11 @@ def test_the_printed_comparison_keeps_every_flag_but_the_mixture():
             assert getattr(single, f.name) == getattr(cfg, f.name), f.name
     assert single.method == "adapter" and single.out_dir == "runs/a b-adapter"
     assert single.experts == 4 and single.unrouted == "skip" and not single.track_experts  # defaults again
+    regularised = train.parse_args(shlex.split(train.single_module_command(cfg, True))[2:])
+    assert regularised.consistency == 10.0 and regularised.method == "adapter"
+    assert regularised.out_dir == "runs/a b-adapter-consistency"
+    assert {k: v for k, v in vars(regularised).items() if k not in ("consistency", "out_dir")} == \
+        {k: v for k, v in vars(single).items() if k not in ("consistency", "out_dir")}
 
 
 # -----------------------------------------------------------------------------
@@ -484,7 +489,7 @@ def test_accumulated_gradients_are_the_mean_over_micro_batches(small, tmp_path, 
     number, the gradient is their mean n, also at an epoch's end where fewer are left."""
     sizes, grads = [], []
 
-    def known_loss(net, router, batch, cfg, kind):
+    def known_loss(net, router, batch, cfg, kind, step=0):
         sizes.append(len(batch["labels"]))
         return len(batch["labels"]) * sum(p.sum() for p in net.parameters() if p.requires_grad)
 
@@ -518,7 +523,8 @@ def test_the_epoch_best_on_dev_is_saved_and_tested_not_the_last(small, tmp_path,
         at_dev.append(weights)
         return {"accuracy": next(dev_scores)}
     monkeypatch.setattr(train, "evaluate", stub)
-    results = train.main(config(*small, tmp_path / "out", epochs=3))
+    results = train.main(config(*small, tmp_path / "out", epochs=3,
+                                test_modes="merged,random,expert:0,ensemble"))  # no dev soups
     assert [h["best"] for h in results["history"]] == [True, False, False]
     assert len(at_dev) == 3
     assert len(at_test) == 4  # merged, random, expert:0, ensemble
@@ -553,3 +559,74 @@ def test_every_epoch_has_its_own_shuffle_drawn_from_seed_plus_epoch(small, tmp_p
     half = len(seen) // 2
     assert len(seen) == 2 * half
     assert any(not torch.equal(a, b) for a, b in zip(seen[:half], seen[half:]))
+
+
+# ----------------------------------------------------------------------------- the study's flags
+
+def test_consistency_every_k_takes_the_second_pass_on_every_kth_step_only(monkeypatch):
+    """--consistency_every 2: two passes and CE + lambda * KL on steps 0, 2, ...; one pass and the
+    task loss alone on steps 1, 3, ..."""
+    returned = []
+    logits = iter(torch.randn(8, 3, 2, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(train, "predict", lambda net, batch: returned.append(next(logits)) or
+                        returned[-1])
+    cfg = train.TrainConfig(consistency=1.0, consistency_every=2)
+    labels = torch.tensor([0, 1, 1])
+    per_step = []
+    for step in range(4):
+        returned.clear()
+        loss = train.training_loss(None, None, {"labels": labels}, cfg, "classification", step)
+        per_step.append(len(returned))
+        if step % 2:  # the task loss of the one pass
+            expected = torch.nn.functional.cross_entropy(returned[0], labels)
+            torch.testing.assert_close(loss, expected)
+    assert per_step == [2, 1, 2, 1]
+
+
+def test_consistency_every_1_is_every_step(monkeypatch):
+    monkeypatch.setattr(train, "predict", lambda net, batch: torch.zeros(2, 2))
+    cfg = train.TrainConfig(consistency=1.0)
+    seen = []
+    monkeypatch.setattr(train.adamix, "consistency_loss", lambda *a, **k: seen.append(1) or 0.0)
+    for step in range(3):
+        train.training_loss(None, None, {"labels": torch.tensor([0, 1])}, cfg, "classification", step)
+    assert seen == [1, 1, 1]
+
+
+def test_greedy_soup_adds_an_expert_only_when_dev_does_not_get_worse(monkeypatch):
+    """Experts alone on dev: 1 (0.8) > 2 (0.7) > 0 (0.6). Soup {1, 2} scores 0.79 < 0.8: left out;
+    soup {1, 0} scores 0.85: kept. -> best-expert expert:1, greedy soup:1,0."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    router = adamix.add_adamix(net, ["0"], "lora", adamix.AdaMixConfig(num_experts=3, r=2))
+    dev_scores = {"expert:0": 0.6, "expert:1": 0.8, "expert:2": 0.7, "soup:1,2": 0.79,
+                  "soup:1,0": 0.85}
+    asked = []
+    def evaluate(net, router, examples, task, cfg, mode, ctx, device):
+        asked.append(mode)
+        return {"accuracy": dev_scores[mode]}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    task = types.SimpleNamespace(num_labels=2, main_metric="accuracy")
+    modes, info = train.choose_soups(net, router, [], task, train.TrainConfig(), None, "cpu")
+    assert modes == {"best-expert": "expert:1", "greedy": "soup:1,0"}
+    assert asked == ["expert:0", "expert:1", "expert:2", "soup:1,2", "soup:1,0"]
+    assert info["dev_greedy"] == 0.85 and info["dev_alone"] == {0: 0.6, 1: 0.8, 2: 0.7}
+
+
+def test_greedy_soup_for_a_language_model_lowers_the_dev_loss(monkeypatch):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    router = adamix.add_adamix(net, ["0"], "lora", adamix.AdaMixConfig(num_experts=2, r=2))
+    losses = {"expert:0": 2.0, "expert:1": 1.5, "soup:1,0": 1.6}  # the soup is worse: left out
+    monkeypatch.setattr(train, "evaluate", lambda *a: {"loss": losses[a[5]], "ppl": 0.0})
+    task = types.SimpleNamespace(num_labels=0, main_metric="bleu")
+    modes, _ = train.choose_soups(net, router, [], task, train.TrainConfig(), None, "cpu")
+    assert modes == {"best-expert": "expert:1", "greedy": "soup:1"}
+
+
+def test_the_run_tests_the_soups_dev_chose(sst2, tmp_path):
+    ckpt, glue = sst2
+    results = train.main(config(ckpt, glue, tmp_path / "out", epochs=1, experts=3))
+    soups = results["soups"]
+    assert set(soups["dev_alone"]) == {0, 1, 2}
+    best = max(soups["dev_alone"], key=soups["dev_alone"].get)
+    assert soups["best-expert"] == f"expert:{best}" and soups["greedy"].startswith(f"soup:{best}")
+    assert {"greedy", "best-expert"} <= set(results["test"])
