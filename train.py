@@ -129,8 +129,9 @@ class TrainConfig:
     length_penalty: float = flag(0.8, on_resume="may change")
     no_repeat_ngram: int = flag(4, check=">= 0", on_resume="may change")
     max_new_tokens: int = flag(64, check=">= 1", on_resume="may change")
-    eval_limit: int = flag(0, check=">= 0", on_resume="may change")
-        # evaluate on at most this many examples per split (0: all), for quick looks
+    eval_limit: int = flag(0, check=">= 0")
+        # evaluate on at most this many examples per split (0: all), for quick looks; --resume:
+        # the run's own (the best epoch is chosen by dev scores on the same examples)
     track_experts: bool = flag(False, on_resume="may change", adamix_only=True)
         # AdaMix: after every epoch also evaluate dev with a random expert and with each expert
         # alone

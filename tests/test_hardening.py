@@ -104,7 +104,8 @@ def test_help_groups_every_flag_with_its_comment():
     assert comments["precision"].endswith("else fp32; --resume: the run's own")
     assert comments["log_interval"] == "" and comments["lora_rank"] == "LoRA rank r (GPT-2 E2E: 4)"
     may_change = {f.name for f in dataclasses.fields(train.TrainConfig) if f.metadata.get("on_resume")}
-    assert may_change == set(groups["evaluation and output"])  # how to evaluate and where to write
+    # how to evaluate and where to write; not eval_limit: the best epoch is chosen by its dev scores
+    assert may_change == set(groups["evaluation and output"]) - {"eval_limit"}
 
 
 def test_python_train_py_prints_one_line_and_exits_nonzero_for_a_user_error(monkeypatch):
@@ -315,7 +316,7 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint_and_names_them(tin
     assert str(err.value).startswith(f"{out / 'ckpt.pt'} was made with --lr 0.01 (now 0.5), --batch_size 16 (now 8), "
                                      "--seed 0 (now 3): --resume continues a run with its own flags; ")
     stored = train.TrainConfig(**torch.load(out / "ckpt.pt", weights_only=True)["config"])
-    allowed = dict(out_dir="elsewhere", log_interval=1, eval_limit=5, eval_batch_size=3, stop_after=9, beam=2)
+    allowed = dict(out_dir="elsewhere", log_interval=1, eval_batch_size=3, stop_after=9, beam=2)
     keys = "step"
     assert train.load_checkpoint(out / "ckpt.pt", "cpu", keys, dataclasses.replace(stored, **allowed))["step"] == 2
     with pytest.raises(train.UserError, match=r"--grad_accum 1 \(now 2\)"):

@@ -2,10 +2,12 @@
 not at all (a full disk or an unreplaceable file is one line naming it), flags that would fail or
 mislead after training refused at the start, and a learning rate that never exceeds --lr."""
 import dataclasses
+import shutil
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_hardening import cfg, stopped, tiny  # noqa: F401 (fixtures)
 
 import train
 
@@ -26,3 +28,13 @@ def test_a_warm_up_below_one_step_starts_at_lr():
     """--lr 1e-3 --warmup 0.01 on a 3-step run: the warm-up ends within the first step."""
     rates = [train.get_lr(s, 3, train.TrainConfig(lr=1e-3, warmup=0.01)) for s in range(3)]
     assert rates[0] == 1e-3 and rates == sorted(rates, reverse=True)
+
+
+# ----------------------------------------------------------------------------- flags refused at start
+
+def test_resume_refuses_another_eval_limit(tiny, stopped, tmp_path):
+    """The best epoch is chosen by comparing dev scores: all on the same examples, or the resumed
+    run tests another model than an uninterrupted run with either setting would."""
+    out = shutil.copytree(stopped, tmp_path / "out")
+    with pytest.raises(train.UserError, match=r"ckpt.pt was made with --eval_limit 0 \(now 5\): "):
+        train.main(cfg(tiny, out, epochs=2, resume=True, eval_limit=5))
