@@ -186,6 +186,7 @@ def main(cfg):
     kind = task_kind(task)
     train, dev, test = select_splits(task, kind, cfg)
     check_fits(net, task, cfg)
+    check_test_modes(cfg, kind, router)
     net.to(device)
     optimizer = make_optimizer(net, cfg)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -965,6 +966,24 @@ def check_batches(steps_per_epoch, n_train, world, cfg):
     if steps_per_epoch == 0:
         raise UserError(f"{n_train} training examples make no batch on each of {world} ranks "
                         f"with --batch_size {cfg.batch_size}; lower it")
+
+
+def check_test_modes(cfg, kind, router):
+    """Every mode of --test_modes applies to this run, so that none fails after the training (an
+    expert beyond --experts) or is skipped without a word (an ensemble of one adapter)."""
+    experts = max(max(m.sizes()) for m in router.mixtures) if router is not None else 0
+    kept = inference_modes(cfg, kind, router)
+    for mode in cfg.test_modes.split(",") if cfg.test_modes else []:
+        if mode not in kept:
+            default = ", ".join(inference_modes(dataclasses.replace(cfg, test_modes=""), kind,
+                                                router))
+            task = f" on --task {cfg.task}" if kind == "lm" else ""
+            raise UserError(f"--test_modes {mode}: not a mode of --method {cfg.method}{task} "
+                            f"(by default it tests {default})")
+        if mode.startswith("expert:") and int(mode.removeprefix("expert:")) >= experts:
+            which = "expert:0 only" if experts == 1 else f"expert:0 to expert:{experts - 1}"
+            raise UserError(f"--test_modes {mode}: {cfg.method} here has {experts} "
+                            f"expert{'s' * (experts > 1)}: {which}")
 
 
 if __name__ == "__main__":

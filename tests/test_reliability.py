@@ -2,6 +2,7 @@
 not at all (a full disk or an unreplaceable file is one line naming it), flags that would fail or
 mislead after training refused at the start, and a learning rate that never exceeds --lr."""
 import dataclasses
+import re
 import shutil
 
 import pytest
@@ -38,3 +39,22 @@ def test_resume_refuses_another_eval_limit(tiny, stopped, tmp_path):
     out = shutil.copytree(stopped, tmp_path / "out")
     with pytest.raises(train.UserError, match=r"ckpt.pt was made with --eval_limit 0 \(now 5\): "):
         train.main(cfg(tiny, out, epochs=2, resume=True, eval_limit=5))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(test_modes="merged,expert:9"),
+     "--test_modes expert:9: adamix-adapter here has 2 experts: expert:0 to expert:1"),
+    (dict(method="adapter", test_modes="expert:1"),
+     "--test_modes expert:1: adapter here has 1 expert: expert:0 only"),
+    (dict(method="adapter", test_modes="ensemble"),
+     "--test_modes ensemble: not a mode of --method adapter (by default it tests merged)"),
+    (dict(method="head-only", test_modes="expert:0"),
+     "--test_modes expert:0: not a mode of --method head-only (by default it tests merged)"),
+])
+def test_test_modes_that_do_not_apply_are_refused_before_training(tiny, tmp_path, flags,
+                                                                   message):
+    """They used to fail after the training (expert:9 of 2: a traceback, no metrics.json) or to be
+    skipped without a word (ensemble of one adapter: nothing tested)."""
+    with pytest.raises(train.UserError, match=re.escape(message)):
+        train.main(cfg(tiny, tmp_path / "out", **flags))
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
