@@ -69,7 +69,9 @@ def paired(runs, other, value):
 
 VARIANTS = {"lambda0": "λ = 0 (no consistency loss)", "lambda10": "λ = 10", "unrouted-zero": "the authors' update "
             "of unrouted experts", "identical": "identical expert init", "m2": "M = 2", "m8": "M = 8",
-            "sharedown": "down shared", "sharenone": "nothing shared", "bf16": "bf16 autocast"}
+            "sharedown": "down shared", "sharenone": "nothing shared", "bf16": "bf16 autocast",
+            "bf16-consistency": "bf16 autocast, with the consistency loss (λ = 1, two dropout passes)",
+            "bf16-steps2x": "bf16 autocast, twice the steps (AdaMix's passes)"}
 
 
 def label(group):
@@ -238,7 +240,11 @@ PARTS = {"budget": "1. adapter against AdaMix adapter, 10 epochs, seeds 0-2",
          "short": "3. the learning rate at the default's 2 epochs, both methods, seeds 0-2",
          "unrouted": "2. the authors' update of unrouted experts at 2 epochs, seeds 0-2",
          "shortmore": "3. lr 1e-2 for both, 3e-2 for the adapter; the other ablations at 2 epochs and lr 3e-3, one change each; seeds 0-2",
-         "fewshot": "4. K = 16, 64, 256 examples per class, seeds 0-4"}
+         "fewshot": "4. K = 16, 64, 256 examples per class, seeds 0-4",
+         "mixreg": "6. mixture or regulariser at the default budget (bf16): the adapter, the adapter with the "
+                   "consistency loss, AdaMix, seeds 0-4; the adapter with twice the steps",
+         "mixreglora": "6. LoRA with the consistency loss, 10 epochs (bf16), seeds 0-2",
+         "every": "7. the consistency step on every k-th step (k = 1, 2, 4), default budget, seeds 0-1"}
 
 
 def plan_table(study=HERE / "study.sh"):
@@ -251,6 +257,91 @@ def plan_table(study=HERE / "study.sh"):
         todo = [n for n, s in status.items() if s == "todo"]
         rows.append(f"| {part} | {what} | {len(status) - len(todo)} of {len(status)} | "
                     f"{', '.join(todo[:3]) + (f' and {len(todo) - 3} more' if len(todo) > 3 else '') or '—'} |")
+    return "\n".join(rows)
+
+
+# -----------------------------------------------------------------------------
+# 6. mixture or regulariser; 7. every k-th step; soups
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447}  # Student's t, 97.5 %, by df
+
+
+def paired_interval(runs, other, value=test_merged):
+    """mean and 95 % interval (t over the seeds both have) of value(run) - value(other), in %."""
+    common = [s for s in sorted(runs) if s in other]
+    d = [100 * (value(runs[s]) - value(other[s])) for s in common]
+    if len(d) < 2:
+        return (f"{d[0]:+.2f} (one seed)" if d else "—"), common
+    half = T_975[len(d) - 1] * statistics.stdev(d) / len(d) ** 0.5
+    return f"{statistics.mean(d):+.2f} [{statistics.mean(d) - half:+.2f}, {statistics.mean(d) + half:+.2f}]", common
+
+
+MIXREG = {  # setting: (single, single + consistency, single with twice the steps, AdaMix)
+    "adapter, 2 epochs, lr 3e-3": ("short-adapter-lr3e-3-bf16", "short-adapter-lr3e-3-bf16-consistency",
+                                   "short-adapter-lr3e-3-bf16-steps2x", "short-adamix-adapter-lr3e-3-bf16"),
+    "LoRA, 10 epochs, lr 1e-3": ("budget-lora-bf16", "budget-lora-bf16-consistency", None,
+                                 "budget-adamix-lora-bf16"),
+}
+
+
+def mixreg_table(groups):
+    """Question 6: each arm's test accuracy, and the paired differences with 95 % intervals from the
+    single module and from the single module with the consistency loss."""
+    rows = ["| setting | arm | seeds | test (merged) | − single module (paired, 95 % interval) | "
+            "− single + consistency (paired, 95 % interval) | min/run |", "|---" * 7 + "|"]
+    for setting, arms in MIXREG.items():
+        single, regular = groups.get(arms[0], {}), groups.get(arms[1], {})
+        for name, group in zip(("single module", "single + consistency loss", "single, twice the steps",
+                                "AdaMix"), arms):
+            runs = groups.get(group or "", {})
+            if not runs:
+                continue
+            seeds = sorted(runs)
+            cells = []
+            for other in (single, regular):
+                diff, common = paired_interval(runs, other) if runs is not other else ("—", [])
+                cells.append(f"{diff} (seeds {', '.join(map(str, common))})" if common else "—")
+            known = [runs[s]["wall_time_s"] for s in seeds if runs[s]["wall_time_s"] is not None]
+            minutes = f"{statistics.mean(known) / 60:.0f}" if known else "—"
+            rows.append(f"| {setting} | {name} (`{group}`) | {', '.join(map(str, seeds))} | "
+                        f"{pct([test_merged(runs[s]) for s in seeds])} | {cells[0]} | {cells[1]} | {minutes} |")
+    return "\n".join(rows)
+
+
+def every_table(groups):
+    """Question 7: the consistency step on every k-th step: test, paired against k = 1, and speed."""
+    rows = ["| k | seeds | test (merged) | − k = 1 (paired, 95 % interval) | steps/s | min/run |",
+            "|---" * 6 + "|"]
+    base = groups.get("every-adamix-adapter-k1", {})
+    for group in sorted(g for g in groups if g.startswith("every-adamix-adapter-k")):
+        runs, seeds = groups[group], sorted(groups[group])
+        diff, common = paired_interval(runs, base) if runs is not base else ("—", [])
+        rate = statistics.mean(runs[s]["steps_per_s"] for s in seeds)
+        known = [runs[s]["wall_time_s"] for s in seeds if runs[s]["wall_time_s"] is not None]
+        rows.append(f"| {group.rsplit('-k', 1)[1]} | {', '.join(map(str, seeds))} | "
+                    f"{pct([test_merged(runs[s]) for s in seeds])} | "
+                    f"{diff + (' (seeds ' + ', '.join(map(str, common)) + ')' if common else '')} | "
+                    f"{rate:.2f} | {statistics.mean(known) / 60:.1f} |" if known else "")
+    return "\n".join(r for r in rows if r)
+
+
+SOUP_MODES = ["merged", "greedy", "best-expert", "random", "expert:0", "ensemble"]
+
+
+def soup_table(groups):
+    """Inference modes of the runs that tested the dev-chosen soups: test per mode, and the experts
+    that dev chose."""
+    rows = ["| runs | seeds | " + " | ".join(SOUP_MODES) + " | greedy − merged (paired) | soups chosen |",
+            "|---" * (len(SOUP_MODES) + 4) + "|"]
+    for group, runs in groups.items():
+        seeds = [s for s in sorted(runs) if runs[s].get("soups")]
+        if not seeds:
+            continue
+        cell = lambda mode: pct([acc(runs[s]["test"][mode]) for s in seeds])
+        diff = pct([acc(runs[s]["test"]["greedy"]) - acc(runs[s]["test"]["merged"]) for s in seeds])
+        chosen = "; ".join(f"s{s}: {runs[s]['soups']['greedy']}" for s in seeds)
+        rows.append(f"| {group} | {', '.join(map(str, seeds))} | "
+                    + " | ".join(cell(m) for m in SOUP_MODES) + f" | {diff} | {chosen} |")
     return "\n".join(rows)
 
 
@@ -356,6 +447,27 @@ def figures(groups, plt):
                      "means, x: the single adapter at the change's lr", fontsize=9)
         save(fig, "fig_changes.svg")
         written.append("fig_changes.svg")
+    # (e) mixture or regulariser: each arm's test accuracy per seed (dots, lines join a seed's arms)
+    panels = [(setting, [(n, g) for n, g in zip(("single", "single +\nconsistency", "single,\n2x steps",
+                                                  "AdaMix"), arms) if g in groups])
+              for setting, arms in MIXREG.items()]
+    panels = [(setting, arms) for setting, arms in panels if len(arms) >= 2]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, (setting, arms) in zip(axes[0], panels):
+            seeds = sorted({s for _, g in arms for s in groups[g]})
+            for seed in seeds:
+                xs = [i for i, (_, g) in enumerate(arms) if seed in groups[g]]
+                ys = [100 * test_merged(groups[arms[i][1]][seed]) for i in xs]
+                ax.plot(xs, ys, "o-", color="0.7", markersize=4, linewidth=0.8)
+            means = [statistics.mean(100 * test_merged(r) for r in groups[g].values()) for _, g in arms]
+            ax.plot(range(len(arms)), means, "D", color="tab:red", markersize=8, label="mean over seeds")
+            ax.set_xticks(range(len(arms)), [n for n, _ in arms])
+            ax.set(title=setting, ylabel="test accuracy (%)", xlim=(-0.5, len(arms) - 0.5))
+            ax.legend(fontsize=8)
+        fig.suptitle("Mixture or regulariser? MiniLM on movie reviews, bf16 (grey: one seed)")
+        save(fig, "fig_mixreg.svg")
+        written.append("fig_mixreg.svg")
     return written
 
 
@@ -374,7 +486,10 @@ def main():
              "## The learning rate at 2 epochs, tuned on dev for each method\n\n" + lr_table(groups),
              "## One change at a time, against the AdaMix run it changes (paired by seed)\n\n" + change_table(groups),
              "## Dev accuracy (merged) after every epoch, 10-epoch budget\n\n" + epoch_table(groups),
-             "## The experts during training (runs with --track_experts)\n\n" + expert_table(groups)]
+             "## The experts during training (runs with --track_experts)\n\n" + expert_table(groups),
+             "## Mixture or regulariser (paired by seed, 95 % interval over seeds)\n\n" + mixreg_table(groups),
+             "## The consistency step on every k-th step (default budget, bf16)\n\n" + every_table(groups),
+             "## Soups: the experts to average, chosen on dev\n\n" + soup_table(groups)]
     (HERE / "summary.md").write_text("\n\n".join(p for p in parts if p and not p.endswith("\n\n")) + "\n")
     print(f"wrote {HERE / 'summary.md'}")
     try:
