@@ -77,7 +77,7 @@ def test_figures_are_written(tmp_path, monkeypatch):
         fake_run(tmp_path, "short-adamix-adapter-lr3e-3", seed, 0.8, [0.7, 0.8])
         fake_run(tmp_path, "short-adamix-adapter-lr3e-3-m2", seed, 0.81, [0.7, 0.82])
     monkeypatch.setattr(report, "HERE", tmp_path)
-    names = ["fig_budget.svg", "fig_experts.svg", "fig_fewshot.svg", "fig_changes.svg"]
+    names = ["fig_budget.svg", "fig_experts.svg", "fig_fewshot.svg", "fig_changes.svg", "fig_mixreg.svg"]
     assert report.figures(report.load(tmp_path), plt) == names
     assert all((tmp_path / name).read_text().startswith("<?xml") for name in names)
 
@@ -119,3 +119,12 @@ def test_each_change_is_paired_with_the_adamix_run_it_changes(tmp_path):
     assert ("| short-adamix-adapter-lr3e-3 | M = 2 | 0, 1 | 2.00 ± 1.41 | 0.50 ± 2.12 | 1 of 2 | -0.50 ± 2.12 |"
             in table)
     assert len(table.splitlines()) == 3  # the reference and the single module are no changes
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    """Differences of 1 and 3 points: mean 2, sd sqrt(2), half-width t(0.975, 1) * sqrt(2) / sqrt(2)."""
+    run = lambda a: {"test": {"merged": {"accuracy": a}}}
+    ours, other = {0: run(0.51), 1: run(0.53), 5: run(0.9)}, {0: run(0.50), 1: run(0.50)}
+    text, common = report.paired_interval(ours, other)
+    assert common == [0, 1] and text == "+2.00 [-10.71, +14.71]"
+    assert report.paired_interval({0: run(0.6)}, {0: run(0.5)})[0] == "+10.00 (one seed)"
