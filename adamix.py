@@ -50,7 +50,7 @@ class AdaMixConfig:
     share: str = "up"          # "up" | "down" | "none": side with one shared expert (official: up)
     init_std: float = 0.02     # adapter weights ~ N(0, 0.02), biases 0 (official adapter init)
     zero_up: bool = False      # adapters: up weights 0: training starts at the pretrained function
-    lora_alpha: float = 32.0   # LoRA scale alpha / r (official GPT-2 E2E scripts: alpha 32, r 4)
+    lora_alpha: float = 32.0   # LoRA alpha; the update is scaled by alpha / r (GPT-2 E2E: 32, r 4)
     lora_dropout: float = 0.1  # dropout on the LoRA input x (official GPT-2 E2E scripts)
     init: str = "independent"  # "independent": one draw per expert (paper); "identical": copies
 
@@ -305,7 +305,8 @@ def add_adamix(model, targets, kind="adapter", config=None, seed=0):
     """Replace every nn.Linear (or GPT-2 Conv1D) whose name matches a pattern in `targets` (fnmatch,
     e.g. "*.mlp.fc_out") by a mixture wrapping it, and return the Router that draws their routes.
     Order: load the pretrained weights first, then add_adamix; load saved AdaMix weights after the
-    same add_adamix call (same targets, kind, config)."""
+    same add_adamix call (same targets, kind, config). Each mixture starts in the train/eval mode
+    of the layer it wraps (from_pretrained returns a model in eval mode: call .train() to train)."""
     model = _inner(model)
     config = config or AdaMixConfig()
     cls = {"adapter": AdapterMixture, "lora": LoRAMixture}[kind]
@@ -315,7 +316,8 @@ def add_adamix(model, targets, kind="adapter", config=None, seed=0):
     new = []
     for name in names:
         parent, _, child = name.rpartition(".")
-        new.append(cls(model.get_submodule(parent).get_submodule(child), config, init))
+        base = model.get_submodule(parent).get_submodule(child)
+        new.append(cls(base, config, init).train(base.training))  # the mode of the layer it wraps
         setattr(model.get_submodule(parent), child, new[-1])
     return Router(new, seed)
 

@@ -645,3 +645,34 @@ def test_expert_distance_is_the_mean_pairwise_cosine_distance():
     assert adamix.expert_distance(model) == {"down": [pytest.approx(4 / 3)]}  # up is shared: left out
     with pytest.raises(ValueError, match="init must be"):
         adamix.add_adamix(Net([4, 4]), ["layers.*"], "adapter", AdaMixConfig(init="same"))
+
+
+# ---- the mode of a new mixture ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_add_adamix_leaves_each_mixture_in_the_mode_of_the_layer_it_wraps(kind):
+    """A model in eval mode (as from_pretrained returns it) gets mixtures in eval mode: merged, with no
+    random route and no LoRA dropout, and fold_lora works; a model in training mode gets them training.
+    A layer whose mode differs from its model's is followed, not the model."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    model = Net([6, 7, 5]).eval()
+    adamix.add_adamix(model, ["layers.*"], kind, AdaMixConfig(num_experts=4, r=2, lora_dropout=0.5))
+    for m in adamix.mixtures(model):
+        assert not any(sub.training for sub in m.modules())
+        with torch.no_grad():  # make the experts differ, so that a random route would show
+            for ws in (m.adamix_down_weight, m.adamix_up_weight):
+                for w in ws:
+                    w.normal_()
+    assert torch.equal(model(x), model(x))  # no route drawn, no dropout
+    assert all(m.last_route is None for m in adamix.mixtures(model))
+    if kind == "lora":
+        merged = model(x)
+        adamix.fold_lora(model)  # raised "fold_lora while training" before
+        torch.testing.assert_close(model(x), merged)
+
+    model = Net([6, 7, 5]).train()
+    model.layers[1].eval()
+    adamix.add_adamix(model, ["layers.*"], kind, AdaMixConfig(num_experts=4, r=2))
+    assert [m.training for m in adamix.mixtures(model)] == [True, False]
+    assert all(sub.training == m.training for m in adamix.mixtures(model) for sub in m.modules())
