@@ -10,7 +10,8 @@ metrics.
 The loop follows nanoGPT's order: learning rate, forward (two views for the consistency loss),
 backward with the loss divided by the accumulation count, clip, step, zero_grad (set_to_none unless
 --unrouted zero), log; evaluate on dev after every epoch with merged experts, keep the best epoch by
-dev, and test it at the end with every inference mode (merged, random expert, expert 0, ensemble).
+dev, and test it at the end with every inference mode (merged, the greedy soup and the best expert
+chosen on dev, a random expert, expert 0, ensemble).
 Flags, files and the data's fit to the model are all checked before the first step; a bad one is
 one line, `error: ...`.
 """
@@ -59,7 +60,7 @@ class TrainConfig:
 
     # what to train
     model: str = flag("minilm", check="a non-empty string")
-        # a local checkpoint folder, "minilm" (built in) or a hub id
+        # a local checkpoint folder or .gguf file, "minilm" or "smollm2" (built in), or a hub id
     task: str = flag("mr", check="a non-empty string")
         # "mr" (built in), a GLUE task (sst2, mnli, ...) or "e2e"
     data_dir: str | None = None  # folder with the GLUE task folders or the e2e files
@@ -95,14 +96,15 @@ class TrainConfig:
     # optimisation (out of memory? lower batch_size and raise grad_accum)
     # (AdamW, warm-up then linear decay; paper: lr 3e-4/4e-4, wd 0.1, warm-up 6 %)
     lr: float = flag(3e-3, check="> 0")
-        # chosen on dev for the 2-epoch default run, for AdaMix and the adapter (README: results)
+        # AdaMix's best on dev in the 2-epoch default run (the adapter's: 1e-2; results/README.md)
     weight_decay: float = flag(0.1, check=">= 0")  # not applied to biases and LayerNorm weights
     warmup: float = flag(0.06, check=">= 0")
         # a fraction of all steps, or a number of steps if >= 1
     epochs: int = flag(2, check=">= 0")
         # the paper trains 20-40 epochs; the default run is a CPU demo
     max_steps: int = flag(0, check=">= 0")
-        # stop after this many optimiser steps (0: run all epochs)
+        # train this many optimiser steps instead of --epochs (it replaces the epoch budget, more
+        # or fewer steps; 0: --epochs decides)
     batch_size: int = flag(32, check=">= 1")
         # per rank and micro-step; out of memory? halve it, double grad_accum
     grad_accum: int = flag(1, check=">= 1")  # micro-steps per optimiser step
@@ -483,7 +485,8 @@ def cpu_has_native_bf16(capabilities=None):
     """Does this processor report bf16 arithmetic in hardware? x86: AVX512-BF16 or AMX-BF16; ARM:
     the BF16 extension (NEON or SVE). Decided from what the processor reports, never from a timing,
     so every process of a run (a forked child, a resumed run) decides the same. Without it torch
-    emulates bf16, 10-100x slower than fp32. In doubt (an older torch without the detection, an
+    emulates bf16: 3-17x slower than fp32 per step, 50x per matmul
+    (results/bench-precision-2026-12-02.json). In doubt (an older torch without the detection, an
     unknown architecture): False, so fp32."""
     try:
         caps = capabilities if capabilities is not None else torch.cpu.get_capabilities()
@@ -847,13 +850,20 @@ def check_writable(out_dir):
         probe.unlink()
 
 
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # an unknown flag, a missing value: one line too, not the usage
+        raise UserError(message)
+
+
 def parse_args(argv=None):
     """Defaults from TrainConfig, then a --preset, then the flags given on the command line. The
     help of each flag is the comment next to its field in TrainConfig, so the defaults are
-    documented once."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="one of the paper's configurations")
+    documented once. Values arrive as text and are converted here, so that a wrong type, a wrong
+    choice and a value out of range are all named in one UserError (check_config)."""
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    braces = lambda choices: "{" + ",".join(choices) + "}"  # argparse's own metavar for choices
+    p.add_argument("--preset", metavar=braces(sorted(PRESETS)),
+                   help="one of the paper's configurations")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     groups, comments = flag_help()
     for title, names in groups.items():
@@ -865,13 +875,36 @@ def parse_args(argv=None):
                 g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
                                help=help)
             else:
-                kind = type(default) if default is not None else str
                 choices = fields[name].metadata.get("choices")
-                g.add_argument(f"--{name}", type=kind, default=None, choices=choices, help=help)
+                g.add_argument(f"--{name}", default=None, help=help,
+                               metavar=braces(choices) if choices else None)
     args = vars(p.parse_args(argv))
-    overrides = PRESETS.get(args.pop("preset"), {})
-    overrides.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**overrides)
+    bad, preset = [], args.pop("preset")
+    if preset is not None and preset not in PRESETS:
+        bad.append(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    overrides = dict(PRESETS.get(preset, {}))
+    for name, value in args.items():
+        kind = type(fields[name].default)
+        if value is None or kind in (bool, str, type(None)):
+            overrides.update({} if value is None else {name: value})
+            continue
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            overrides[name] = number
+        else:
+            expected = "an integer" if kind is int else "a finite number"
+            bad.append(f"--{name} {value!r}: expected {expected}")
+    cfg = TrainConfig(**overrides)  # a flag of the wrong type keeps its default here
+    try:
+        check_config(cfg)  # choices and ranges
+    except UserError as e:
+        bad.append(str(e))
+    if bad:
+        raise UserError("; ".join(bad))
+    return cfg
 
 
 def flag_help():

@@ -630,3 +630,28 @@ def test_the_run_tests_the_soups_dev_chose(sst2, tmp_path):
     best = max(soups["dev_alone"], key=soups["dev_alone"].get)
     assert soups["best-expert"] == f"expert:{best}" and soups["greedy"].startswith(f"soup:{best}")
     assert {"greedy", "best-expert"} <= set(results["test"])
+
+
+def test_type_choice_and_range_errors_are_one_line_naming_every_bad_flag_with_status_1():
+    """argparse's own type and choice errors printed its usage, exited 2 and named only the first bad
+    flag; every bad flag now goes through check_config's one-line `error:` path, status 1."""
+    argv = ["--experts", "0", "--method", "foo", "--lr", "fast", "--epochs", "1.5", "--seed", "-1",
+            "--precision", "bf17"]
+    done = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "usage" not in done.stderr
+    for part in ("--experts 0: must be >= 1", "--method 'foo': choose one of adamix-adapter",
+                 "--lr 'fast': expected a finite number", "--epochs '1.5': expected an integer",
+                 "--seed -1: must be in [0, 2^63)", "--precision 'bf17': choose one of auto"):
+        assert part in lines[0]
+    with pytest.raises(train.UserError, match=r"^--lr 'inf': expected a finite number$"):
+        train.parse_args(["--lr", "inf"])
+    with pytest.raises(train.UserError, match="unrecognized arguments: --experts_count"):
+        train.parse_args(["--experts_count", "2"])
+    cfg = train.parse_args(["--preset", "bert-base-glue", "--lr", "1e-3", "--no-batched_views"])
+    assert (cfg.lr, cfg.bottleneck, cfg.batched_views) == (1e-3, 48, False)  # converted, preset kept
+    help = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert help.returncode == 0 and "--precision {auto,fp32,bf16}" in help.stdout  # choices shown
