@@ -70,7 +70,7 @@ def read_gguf(path, with_tensors=True):
         raise ValueError(f"{path}: general.alignment {alignment!r} is not a positive integer")
     start = -(-f.pos // alignment) * alignment  # the data begins at the next multiple of alignment
     data = raw[start:]
-    tensors = {}
+    layout = {}  # name -> (kind, offset, bytes, torch shape), every field checked
     for name, (dims, ttype, offset) in infos.items():
         where = f"{path}: tensor {name!r}"
         if ttype not in GGUF_TYPES:
@@ -86,6 +86,15 @@ def read_gguf(path, with_tensors=True):
                              f"{len(data)}-byte data region or off its {alignment}-byte alignment "
                              "(truncated?)")
         shape = tuple(reversed(dims))  # GGUF lists the contiguous dimension first, torch last
+        layout[name] = (kind, offset, nbytes, shape)
+    # a crafted file can point two tensors at the same bytes: each needs bytes of its own
+    spans = sorted((offset, offset + n, name) for name, (_, offset, n, _) in layout.items() if n)
+    for (a_begin, a_end, a), (b_begin, b_end, b) in zip(spans, spans[1:]):
+        if b_begin < a_end:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap: bytes [{a_begin}, "
+                             f"{a_end}) and [{b_begin}, {b_end}) of the data region")
+    tensors = {}
+    for name, (kind, offset, nbytes, shape) in layout.items():
         if with_tensors:
             tensors[name] = dequantize_gguf(data[offset:offset + nbytes], kind).reshape(shape)
         else:
