@@ -24,13 +24,13 @@ heads (Llama; nh elsewhere), hs head size (C // nh), V vocabulary, L layers.
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from formats import config_fields, read_checkpoint, read_json, resolve_checkpoint
+from formats import CONFIG_KEYS, config_fields, read_checkpoint, read_json, resolve_checkpoint
 from gguf import gguf_file, gguf_llama_config, gguf_unpermute_qk, read_gguf
 
 
@@ -404,10 +404,13 @@ def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_di
         config = ModelConfig.from_dict(gguf_llama_config(metadata, tensors, source), source)
         tensors = gguf_unpermute_qk(tensors, config.n_head, config.n_kv_head, source)
         state = hf_to_ours(tensors, "gguf")
+        config_key = (source, "llama.block_count")  # where the layer count comes from
     else:
         config = ModelConfig.from_json(folder / "config.json")
         hf_state, source = read_checkpoint(folder)
+        check_float_weights(hf_state, config.model_type, source)
         state = hf_to_ours(hf_state, config.model_type)
+        config_key = (folder / "config.json", CONFIG_KEYS[config.model_type]["n_layer"])
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store a copy of the embedding
     classifier = state.get("head.classifier.weight", state.get("head.out_proj.weight"))
@@ -418,6 +421,7 @@ def from_pretrained(name_or_path, num_labels=None, dtype=torch.float32, cache_di
     num_labels = num_labels or (None if classifier is None else classifier.shape[0])
     if num_labels is None:  # a backbone: checkpoint head layers (e.g. a pooler) are not used
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    check_fits(config, state, num_labels, source, *config_key)  # before anything is allocated
     model = Transformer(config, num_labels)
     load_weights(model, state, source)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)
@@ -524,12 +528,7 @@ def load_weights(model, state, source):
     wrongly shaped tensor is listed in one error. Head layers with no tensor in `state` stay
     fresh."""
     params = dict(model.named_parameters())
-    layer = lambda name: name.rsplit(".", 1)[0]
-    fresh = {layer(k) for k in params if k.startswith("head.")} - {layer(k) for k in state}
-    missing = [k for k in params if k not in state and layer(k) not in fresh]
-    unexpected = [k for k in state if k not in params]
-    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(params[k].shape)})" for k, v in state.items()
-             if k in params and v.shape != params[k].shape]
+    missing, unexpected, wrong = _misfits(params, state)
     if missing or unexpected or wrong:
         raise ValueError(f"{source}: does not fit this {model.config.model_type} model "
                          f"(names after the name map)\n  missing: {missing}\n"
@@ -537,6 +536,52 @@ def load_weights(model, state, source):
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
+
+
+def check_fits(config, state, num_labels, source, config_path, layer_key):
+    """Compare the config with the checkpoint's tensor names and shapes before the network exists:
+    a config.json that says vocab_size 1e9, or 100000 layers for weights of 2, is then an error in
+    milliseconds, not gigabytes allocated first. The layers are counted from the names
+    (blocks.{i}.); the rest is compared, as load_weights compares, with the network built on the
+    meta device (shapes and no memory; no random numbers drawn). One error lists every mismatch."""
+    found = sorted({int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    layers = ""
+    if found != list(range(config.n_layer)):
+        have = f"blocks 0..{len(found) - 1}" if found == list(range(len(found))) \
+            else f"blocks {found[:8]}{'...' if len(found) > 8 else ''}"
+        layers = (f"\n  layers: {layer_key} is {config.n_layer}, the checkpoint has weights for "
+                  f"{len(found)} ({have})")
+        config = replace(config, n_layer=min(config.n_layer, len(found)))
+    with torch.device("meta"):
+        skeleton = Transformer(config, num_labels)
+    missing, unexpected, wrong = _misfits(dict(skeleton.named_parameters()), state)
+    if layers or missing or unexpected or wrong:
+        raise ValueError(f"{source}: does not fit the {config.model_type} model of {config_path} "
+                         f"(names after the name map){layers}\n  missing: {missing}\n"
+                         f"  unexpected: {unexpected}\n  wrong shape: {wrong}")
+
+
+def check_float_weights(state, family, source):
+    """Every tensor the model uses must hold floats: integer or bool bits read as weights (a header
+    that says I32 over float bytes) give values like 1e9, silently. Buffers the name map drops
+    (position ids, GPT-2's causal mask) may be integers."""
+    bad = [f"{k!r} ({v.dtype})" for k, v in state.items()
+           if not v.is_floating_point() and map_name(k, family) is not None]
+    if bad:
+        raise ValueError(f"{source}: tensor(s) {', '.join(bad)} are not floating point; a weight "
+                         "must be F32, F16, BF16 or F64")
+
+
+def _misfits(params, state):
+    """(missing, unexpected, wrong shape) of `state` against {name: parameter}. Head layers with no
+    tensor in `state` are fresh, not missing."""
+    layer = lambda name: name.rsplit(".", 1)[0]
+    fresh = {layer(k) for k in params if k.startswith("head.")} - {layer(k) for k in state}
+    missing = [k for k in params if k not in state and layer(k) not in fresh]
+    unexpected = [k for k in state if k not in params]
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(params[k].shape)})" for k, v in state.items()
+             if k in params and v.shape != params[k].shape]
+    return missing, unexpected, wrong
 
 # -----------------------------------------------------------------------------
 # Generation for GPT-2 and Llama: beam search with a key/value cache; greedy is the beam of one.
