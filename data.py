@@ -45,6 +45,10 @@ BUCKET_BATCHES = 50      # length bucketing: sort by length inside windows of th
 BLEU_MAX_N = 4           # BLEU-4 (Papineni et al., 2002)
 ROUGE_BETA = 1.2         # ROUGE-L recall weight of pycocoevalcap, which the E2E challenge uses
 HASH_BYTES = 8           # bytes of sha256 turned into a number in [0, 1) by the split rule
+STSB_SCORES = (0.0, 5.0)  # STS-B similarity: 0 (unrelated) to 5 (equivalent) (Cer et al., 2017)
+# characters in one E2E line: the real ones have under 1,000. A longer line is refused before it
+# is read whole, let alone tokenised (a 100 MB line took 10 GB before it was cut to max_len).
+E2E_MAX_LINE = 100_000
 # override: base_url= or env ADAMIX_DATA_URL (tests, mirrors)
 DATA_URL = "https://dl.fbaipublicfiles.com"
 # E2E NLG (Novikova et al., 2017; CC BY-SA 4.0) in the one-line `mr||reference` format of the LoRA
@@ -272,9 +276,14 @@ def read_glue(path, task):
             a, b, y = (None if c is None else row[c] for c in cols)
             if spec.labels is None:
                 try:
-                    y = float(y)
+                    score = float(y)
                 except ValueError:
                     raise ValueError(f"{where}: the score {y!r} is not a number") from None
+                low, high = STSB_SCORES
+                if not low <= score <= high:  # NaN fails every comparison
+                    raise ValueError(f"{where}: the score {y!r} is outside [{low:g}, {high:g}], "
+                                     "the range of STS-B similarity scores")
+                y = score
             elif y in spec.labels:
                 y = spec.labels.index(y)
             else:
@@ -407,11 +416,16 @@ def load_mr(split_seed=SPLIT_SEED, cache_dir=None, find_links=None):
 def read_e2e(path):
     """`meaning representation||reference` lines -> [(mr, [references])], grouped by meaning
     representation in first-seen order. Both sides are stripped (the files end lines with a
-    space)."""
-    groups = {}
+    space). A line longer than E2E_MAX_LINE characters is an error naming it."""
+    groups, lines = {}, []
     with open(path, encoding="utf-8") as f:
         try:
-            lines = list(f)
+            while line := f.readline(E2E_MAX_LINE + 2):  # + the line end, which may be \r\n
+                if len(line.rstrip("\r\n")) > E2E_MAX_LINE:
+                    raise ValueError(f"{path}:{len(lines) + 1}: a line longer than "
+                                     f"{E2E_MAX_LINE:,} characters: not an E2E line "
+                                     "`meaning representation||reference`")
+                lines.append(line)
         except UnicodeDecodeError:
             raise not_utf8(path) from None
     for n, line in enumerate(lines, 1):

@@ -8,6 +8,7 @@ import shutil
 import struct
 import tarfile
 import time
+import tracemalloc
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import formats
 import gguf
 import model
 from conftest import FIXTURES
-from test_data import server  # noqa: F401  (a fixture: a local http.server)
+from test_data import GLUE_FILES, server, tok  # noqa: F401  (fixtures: http.server, tokenizer)
 from test_formats import encode_safetensors, fake_wheel, sample_tensors
 from test_gguf import f32_copy, write_gguf
 
@@ -228,3 +229,31 @@ def test_gguf_block_count_is_compared_with_the_tensors(tmp_path):
                                          "  layers: llama.block_count is 100000, the checkpoint "
                                          r"has weights for 2 \(blocks 0..1\)"):
         model.from_pretrained(path)
+
+# ----------------------------------------------------------------------------- data files (13, 14)
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "1e308", "5.01", "-0.5"])
+def test_stsb_score_outside_zero_to_five_names_file_and_line(tmp_path, score):
+    header, *rows = GLUE_FILES["stsb"][0].splitlines()
+    bad = rows[1].rsplit("\t", 1)[0] + f"\t{score}"
+    path = tmp_path / "train.tsv"
+    path.write_text("\n".join([header, rows[0], bad]) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:3: the score '{score}' is outside \\[0, 5\\]"):
+        data.read_glue(path, "stsb")
+
+
+def test_endless_e2e_line_is_refused_before_it_is_read_whole(tmp_path, tok):  # noqa: F811
+    for name in ("valid.txt", "test.txt"):
+        (tmp_path / name).write_text("name : Aromi||Aromi is a pub . \n")
+    line = "name : Aromi||" + "a " * 1_500_000  # 3 MB, no line end
+    (tmp_path / "train.txt").write_text("name : Aromi||a pub . \n" + line)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"{tmp_path / 'train.txt'}:2: a line longer than "
+                                             "100,000 characters: not an E2E line"):
+            data.load_task("e2e", tok, data_dir=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_500_000  # bytes: the line is never held whole (3 MB), nor tokenised
