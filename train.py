@@ -17,6 +17,7 @@ one line, `error: ...`.
 """
 import argparse
 import dataclasses
+import fcntl
 import inspect
 import json
 import math
@@ -24,8 +25,9 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -177,10 +179,17 @@ def main(cfg):
     ckpt_path = out_dir / "ckpt.pt"
     # --resume: the flags are checked against the run's own before anything else loads
     ckpt = load_checkpoint(ckpt_path, device, RESUME_KEYS, cfg, world) if cfg.resume else None
+    if ckpt is not None and (done := finished_results(out_dir, ckpt["run_id"])) is not None:
+        if master:  # not tested again: nothing to resume
+            print(f"{ckpt_path}: run {ckpt['run_id']} finished at step {ckpt['step']}; its test "
+                  f"results are in {out_dir / 'metrics.json'}: nothing to resume")
+        end_run(out_dir, ddp)
+        return done
     cfg = dataclasses.replace(cfg, precision=run_precision(cfg, ckpt, device))
     ctx = autocast(cfg.precision, device)
-    if master:
-        check_writable(out_dir)
+    if master:  # out_dir is this run's alone until it ends, and every file it writes can be written
+        lock_out_dir(out_dir)
+        check_writable(out_dir, cfg.resume)
 
     # --- data and model (the same seed on every rank, so new heads start identical), all checked
     torch.manual_seed(cfg.seed)
@@ -265,8 +274,7 @@ def main(cfg):
             if master:
                 print(f"stopping after step {run.step} as asked (--stop_after); "
                       "continue with --resume")
-            if ddp:
-                dist.destroy_process_group()
+            end_run(out_dir, ddp)
             return None
     wall = max(time.time() - run.started, 1e-9)
 
@@ -288,8 +296,7 @@ def main(cfg):
                    train_examples=len(train), soups=chosen)
     if master:
         report(results, cfg, len(test), out_dir)
-    if ddp:
-        dist.destroy_process_group()
+    end_run(out_dir, ddp)
     return results
 
 
@@ -740,6 +747,43 @@ def resume(ckpt, path, net, optimizer, router, cfg, rank):
                     trained_s=ckpt.get("trained_s"))  # absent from older checkpoints
 
 
+def finished_results(out_dir, run_id):
+    """out_dir/metrics.json if the run `run_id` wrote it (the run has finished), else None."""
+    try:
+        results = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):  # none, or not ours
+        return None
+    finished = isinstance(results, dict) and results.get("run_id", "before run ids") == run_id
+    return results if finished else None
+
+
+def stopped_run(out_dir):
+    """(run id, step) of the run in out_dir/ckpt.pt if it has not finished, else None (also when
+    there is no ckpt.pt, or one that could not be resumed anyway)."""
+    try:  # mmap: the weights stay on disk
+        ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+        run_id, step = ckpt.get("run_id", "before run ids"), ckpt["step"]
+    except Exception:  # missing, damaged or foreign: nothing to resume
+        return None
+    return None if finished_results(out_dir, run_id) is not None else (run_id, step)
+
+
+def end_run(out_dir, ddp):
+    """The lock on out_dir released, and the ranks' process group closed."""
+    unlock_out_dir(out_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def interrupted(cfg, started):
+    """What Ctrl-C leaves: the checkpoint to continue from (this run's, written since `started`,
+    or the one it resumed from), or nothing."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if path.exists() and (cfg.resume or path.stat().st_mtime >= started):
+        return f"stopped (Ctrl-C); the last checkpoint is {path}: continue with --resume"
+    return "stopped (Ctrl-C) before the first checkpoint: nothing to resume"
+
+
 def check_finite(loss, run, ckpt_path):
     """A loss of nan or inf stops the run at once, naming the checkpoint that is left."""
     if not torch.isfinite(loss):
@@ -810,16 +854,63 @@ def load_checkpoint(path, device, keys, cfg=None, world=1):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_atomic_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def write_atomic(path, write):
+    """Every file of a run is written here, whole or not at all: write(f) fills a temporary file
+    created new in the same folder (O_EXCL, so a symlink planted there is never followed), which is
+    synced to disk and then renamed over `path`, and the folder synced: a kill or a power cut
+    leaves the old file or the new one, never part of one. An OSError (disk full, no permission)
+    is one UserError naming the file and the reason; the temporary is removed, the old file kept."""
+    path, tmp = Path(path), None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with open(fd, "wb") as f:
+            file = ErrorKeeping(f)
+            try:
+                write(file)
+            except RuntimeError as e:  # torch.save's "unexpected pos ...": a write failed; say why
+                raise file.error or e
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise UserError(f"{path}: could not write it ({e.strerror or e}); {kept}") from e
+    finally:
+        if tmp is not None:  # also after Ctrl-C
+            with suppress(OSError):
+                os.unlink(tmp)
+    with suppress(OSError):  # the rename reaches the disk too (some file systems cannot sync a dir)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class ErrorKeeping:
+    """A file that keeps the OSError of a failed write: torch.save reports it as a RuntimeError
+    that does not say why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 # -----------------------------------------------------------------------------
@@ -841,13 +932,81 @@ def user_errors(where=None, kinds=(ValueError, OSError)):
         raise UserError(f"{where}: {e}" if where else str(e)) from e
 
 
-def check_writable(out_dir):
-    """A folder we cannot write fails now, not at the first checkpoint after an epoch of
-    training."""
+LOCKS = {}  # the lock file of each out_dir that this process holds -> its file descriptor
+
+
+def lock_out_dir(out_dir):
+    """out_dir is this run's alone until it ends: an advisory lock (flock) on out_dir/.lock, which
+    the OS releases when the process ends, however it ends (kill -9 too). Another process's run or
+    --resume in it is refused, naming the pid and start time of the one running. A main() of this
+    process that failed keeps its lock until the process ends or its next main() there."""
+    path = out_dir / ".lock"
+    key = os.path.realpath(path)
+    if key not in LOCKS:
+        with user_errors(f"--out_dir {out_dir}"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # no symlink
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 100).decode(errors="replace") or "it has not said who yet"
+                os.close(fd)
+                raise UserError(f"--out_dir {out_dir} is in use by another run ({holder}): wait "
+                                "for it to end, or use another --out_dir") from None
+        LOCKS[key] = fd
+    os.ftruncate(LOCKS[key], 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.pwrite(LOCKS[key], f"pid {os.getpid()}, started {started}".encode(), 0)
+
+
+def unlock_out_dir(out_dir):
+    if (fd := LOCKS.pop(os.path.realpath(out_dir / ".lock"), None)) is not None:
+        os.close(fd)  # releases the lock
+
+
+WRITES = {"ckpt.pt": "its checkpoint", "model.pt": "its best weights",
+          "metrics.json": "its test results"}  # the files a run writes in out_dir
+
+
+def check_writable(out_dir, resuming):
+    """Before any work (and under the lock): a file can be created in out_dir; every file there
+    that the run will replace can be replaced; without --resume, ckpt.pt is not a stopped run's
+    (it would be lost). Temporaries left by a killed run's writes are removed."""
     with user_errors(f"--out_dir {out_dir}"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (probe := out_dir / f".write-test-{os.getpid()}").write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+        for name in [*WRITES, "write-test"]:  # left by a killed run's writes
+            for leftover in out_dir.glob(f".{name}.*.tmp"):
+                leftover.unlink()
+    for name, what in WRITES.items():
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            raise UserError(f"{path} is a folder: the run writes {what} there; move it, or use "
+                            "another --out_dir")
+        if os.path.lexists(path):
+            check_replaceable(path)
+    if not resuming and (stopped := stopped_run(out_dir)):
+        raise UserError(f"{out_dir / 'ckpt.pt'} holds run {stopped[0]}, stopped at step "
+                        f"{stopped[1]}: continue it with --resume, or start this run in another "
+                        "--out_dir")
+
+
+def check_replaceable(path):
+    """Moves `path` aside and back: replacing it needs what moving it needs (the folder's write
+    permission; the file neither immutable nor, in a sticky folder such as /tmp, another user's)."""
+    fd, aside = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".aside")
+    os.close(fd)
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        raise UserError(f"{path}: the run could not replace it ({e.strerror}); use another "
+                        "--out_dir") from e
+    finally:  # back in place, also after Ctrl-C
+        if os.path.lexists(path):
+            os.unlink(aside)
+        else:
+            os.replace(aside, path)
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -1020,7 +1179,11 @@ def check_test_modes(cfg, kind, router):
 
 
 if __name__ == "__main__":
+    started = time.time()
     try:
         main(parse_args())
     except UserError as e:  # a bad flag, file or state: one line; a bug shows its traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: where to continue from, no traceback, status 130
+        print(interrupted(parse_args(), started), file=sys.stderr)
+        sys.exit(130)
