@@ -953,6 +953,9 @@ def lock_out_dir(out_dir):
                 os.close(fd)
                 raise UserError(f"--out_dir {out_dir} is in use by another run ({holder}): wait "
                                 "for it to end, or use another --out_dir") from None
+            except OSError as e:  # a file system without locks (Lustre without -o flock): go on
+                print(f"warning: {path}: could not lock it ({e.strerror}); another run in "
+                      f"--out_dir {out_dir} would not be noticed")
         LOCKS[key] = fd
     os.ftruncate(LOCKS[key], 0)
     started = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -280,3 +280,15 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_exits_130(tiny, tmp_path, 
             runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
         assert exit.value.code == 130
         assert capsys.readouterr().err.splitlines()[-1] == said
+
+
+def test_a_file_system_without_locks_warns_and_runs(tiny, tmp_path, monkeypatch, capsys):
+    """Lustre mounted without -o flock, say: the run goes on, and says what it cannot promise."""
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    assert train.main(cfg(tiny, out))["history"][-1]["step"] == 6
+    assert capsys.readouterr().out.startswith(
+        f"warning: {out / '.lock'}: could not lock it (No locks available); another run in "
+        f"--out_dir {out} would not be noticed\n")
