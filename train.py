@@ -407,9 +407,9 @@ def report(results, cfg, n_test, out_dir):
     if cfg.method.startswith("adamix"):  # the question AdaMix must answer: does it beat its module?
         single = cfg.method.removeprefix("adamix-")
         print(f"compare with one {single} of the same inference size, same data, budget and "
-              f"seed:\n  {single_module_command(cfg)}\nand with that {single} trained with the same "
-              f"consistency loss (the regulariser without the mixture):\n  "
-              f"{single_module_command(cfg, consistency=True)}")
+              f"seed:\n  {single_module_command(cfg)}")
+        print(f"and with that {single} trained with the same consistency loss (the regulariser "
+              f"without the mixture):\n  {single_module_command(cfg, consistency=True)}")
 
 
 def single_module_command(cfg, consistency=False):
