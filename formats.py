@@ -501,7 +501,7 @@ def pip_download(requirement, sha256, cache_dir=None, sdist=False, find_links=No
             if (path := _copy_checked(src, dest / src.name, sha256)) is not None:
                 return path
         raise ValueError(f"{found[0]}: refused, its sha256 {sha256_of(found[0])} is not the "
-                         f"expected {sha256} of {requirement} (nothing was opened or copied)")
+                         f"expected {sha256} of {requirement}: not unpacked, run or kept")
     if sdist:
         file = f"{name}-{version}.tar.gz"
         index = (os.environ.get("ADAMIX_PYPI_URL") or PYPI_INDEX_URL).rstrip("/")
