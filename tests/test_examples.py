@@ -18,10 +18,13 @@ def test_readme_own_model_snippet_runs_verbatim(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Use AdaMix in your own model"):]
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
-    monkeypatch.chdir(tmp_path)  # the snippet saves adamix.pt in the working directory
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    saved = __import__("torch").load(tmp_path / "adamix.pt")
+    assert not (tmp_path / "adamix.pt").exists()  # nothing left in the working directory
+    saved = __import__("torch").load(next((tmp_path / "tmp").glob("*/adamix.pt")))  # mkdtemp()
     assert any(k.startswith("3.") for k in saved) and any("adamix_" in k for k in saved)
 
 
