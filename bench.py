@@ -107,6 +107,21 @@ def attention_path_of(T, precision, device):
     return model.attention_path(q, q)
 
 
+def profile_top(fn, device, k=3):
+    """The k ops with the most self time in one call of fn: [(op, share of all ops' self time)]."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [(e.key, getattr(e, key) / total) for e in events[:k]]
+
+
 def bench(args):
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     precisions = args.precisions.split(",")  # each row is timed in every precision, in the same rounds
@@ -153,6 +168,7 @@ def bench(args):
         trainable[name] = adamix.count_parameters(net, head=train.head_of(net))["trainable"]
         opt.zero_grad(set_to_none=True)
     step_s = interleaved(jobs, args.rounds, args.repeats, device)
+    top_ops = {key: profile_top(fn, device) for key, fn in jobs.items()} if getattr(args, "profile", False) else {}
     dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
     peak = {p: matmul_flops_per_s(B * T, base.config.n_embd, device, dtypes[p]) for p in precisions}
 
@@ -195,7 +211,7 @@ def bench(args):
             step_ms=1e3 * s, vs_adapter=s / step_s["adapter", p], tokens_per_s=B * T / s,
             flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s, of_matmul_peak=flops[n, p] / s / peak[p],
             saved_activations_mb=memory[n, p] / 2**20, trainable_params=trainable[n],
-            attention=attention_path_of(T, p, device))
+            attention=attention_path_of(T, p, device), top_ops=top_ops.get((n, p)))
     for (n, p), s in infer_s.items():
         report["inference"].setdefault(n, {})[p] = dict(
             latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter", p], vs_pretrained=s / infer_s["pretrained model", p],
@@ -222,6 +238,11 @@ def print_report(r):
                   f"{t['tokens_per_s']:>10.0f}{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
                   f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}"
                   f"{t.get('attention', ''):>13}" + (vs(by, "step_ms") if p == ps[-1] else ""))
+    for n, by in r["training"].items():
+        for p, t in by.items():
+            if t.get("top_ops"):
+                ops = ", ".join(f"{op} {100 * share:.0f}%" for op, share in t["top_ops"])
+                print(f"  profile of {n}, {p}: {ops}")
     print("(plain matmul: " + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in r["matmul_flops_per_s"].items()) + ")")
     print(f"\n{'inference forward':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}"
           f"{'added params':>14}" + ("  bf16/fp32" if len(ps) == 2 else ""))
@@ -242,8 +263,8 @@ def print_report(r):
 # -----------------------------------------------------------------------------
 # the attention rule: model.attention writes attention out where that trains faster than the fused kernel
 
-def attention_table(args):
-    """For each number of tokens T (batches of about 2,048 tokens) and precision: attention alone
+def attention_table(args, lengths=(32, 64, 128, 256, 512), tokens=2048):
+    """For each number of tokens T (batches of about `tokens` tokens) and precision: attention alone
     (forward and backward, each path forced) and a whole AdaMix-adapter training step (two passes)
     with the rule of model.attention_path against the fused kernel everywhere. -> list of rows."""
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
@@ -256,10 +277,11 @@ def attention_table(args):
     net, router = train.adapt(copy.deepcopy(base), cfg)
     net.to(device).train()
     rows = []
-    for T in (32, 64, 128, 256, 512):
-        B = max(1, 2048 // T)
+    for T in lengths:
+        B = max(1, tokens // T)
         q, k, v = (torch.randn(B, nh, T, C // nh, generator=g).to(device) for _ in range(3))
-        ids = torch.randint(1000, base.config.vocab_size, (B, T), generator=g)
+        V = base.config.vocab_size
+        ids = torch.randint(V // 2, V, (B, T), generator=g)  # ordinary tokens, no special ones
         batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
                  "token_type_ids": torch.zeros(B, T, dtype=torch.long),
                  "labels": torch.randint(2, (B,), generator=g)}
@@ -344,6 +366,8 @@ if __name__ == "__main__":
     p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both, comma-separated: each row in each")
     p.add_argument("--out_dir", default="out", help="the JSON report goes to OUT_DIR/bench.json")
     p.add_argument("--results", metavar="FOLDER", help="print the results table of the runs in FOLDER instead")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of every training row: its three costliest ops")
     p.add_argument("--attention", action="store_true",
                    help="measure the attention rule instead (out/bench-attention.json)")
     args = p.parse_args()

@@ -12,7 +12,8 @@ import bench
 def test_bench_reports_every_configuration(tmp_path):
     shutil.copytree(FIXTURES / "tiny-bert-legacy", tmp_path / "ckpt")
     args = SimpleNamespace(model=str(tmp_path / "ckpt"), batch_size=2, seq_len=8, experts=2, bottleneck=4, lora_rank=2,
-                           rounds=1, repeats=1, device="cpu", precisions="fp32,bf16", new_tokens=2)
+                           rounds=1, repeats=1, device="cpu", precisions="fp32,bf16", new_tokens=2,
+                           profile=True)
     r = bench.bench(args)
     assert set(r["training"]) == set(bench.TRAINING) and set(r["inference"]) == set(bench.INFERENCE)
     assert all(set(by) == {"fp32", "bf16"} for part in ("training", "inference") for by in r[part].values())
@@ -28,7 +29,24 @@ def test_bench_reports_every_configuration(tmp_path):
         assert t["AdaMix adapter, 2 passes"]["flops_per_step"] > t["adapter"]["flops_per_step"]
         assert t["AdaMix adapter, batched 2B"]["flops_per_step"] == pytest.approx(
             t["AdaMix adapter, 2 passes"]["flops_per_step"], rel=0.01)
+        # training at 8 tokens: written-out attention in bf16 on a CPU, the fused kernel in fp32
+        assert {row["attention"] for row in t.values()} == {"fp32": {"fused"},
+                                                            "bf16": {"written out"}}[p]
+        for row in t.values():  # three ops, their shares of the step's op time, the costliest first
+            shares = [share for _, share in row["top_ops"]]
+            assert len(shares) == 3 and 1 >= shares[0] >= shares[1] >= shares[2] > 0
     bench.print_report(r)  # the side-by-side table prints without error
+
+
+def test_attention_table_times_both_paths_and_the_rule(tmp_path):
+    shutil.copytree(FIXTURES / "tiny-bert-legacy", tmp_path / "ckpt")  # no classifier: a new head
+    args = SimpleNamespace(model=str(tmp_path / "ckpt"), experts=2, bottleneck=4, rounds=1,
+                           repeats=1, device="cpu", precisions="fp32,bf16")
+    rows = bench.attention_table(args, lengths=(4, 8), tokens=16)
+    assert [(r["tokens"], r["batch"], r["precision"]) for r in rows] == [
+        (4, 4, "fp32"), (4, 4, "bf16"), (8, 2, "fp32"), (8, 2, "bf16")]
+    assert [r["path"] for r in rows] == ["fused", "written out"] * 2
+    assert all(r[k] > 0 for r in rows for k in ("written out", "fused", "step, rule", "step, fused"))
 
 
 def test_results_table_mean_and_sample_std(tmp_path):
