@@ -32,6 +32,7 @@ Below the divider ("---- below:"): the routing contract and what makes it safe i
 import collections
 import fnmatch
 import math
+import numbers
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class AdaMixConfig:
     lora_alpha: float = 32.0   # LoRA alpha; the update is scaled by alpha / r (GPT-2 E2E: 32, r 4)
     lora_dropout: float = 0.1  # dropout on the LoRA input x (official GPT-2 E2E scripts)
     init: str = "independent"  # "independent": one draw per expert (paper); "identical": copies
+
+    def __post_init__(self):  # a bad field fails here, where the config is made, naming the field
+        _check_fields(self)
 
 
 def init_experts(mixture, generator=None):
@@ -549,11 +553,36 @@ def _add_to_weight(m, delta, sign=1.0):  # W += sign * delta; W is (out, in), Co
     m.base.weight += sign * (delta.T if m.transposed else delta).to(m.base.weight.dtype)
 
 
-def _check_config(config):  # add_adamix
-    if config.share not in ("up", "down", "none"):
-        raise ValueError(f"share must be 'up', 'down' or 'none', got {config.share!r}")
-    if config.init not in ("independent", "identical"):
-        raise ValueError(f"init must be 'independent' or 'identical', got {config.init!r}")
+def _check_config(config):  # add_adamix: the fields again, as they may have changed since
+    if not isinstance(config, AdaMixConfig):
+        raise TypeError(f"config must be an AdaMixConfig, got {type(config).__name__}")
+    _check_fields(config)
+
+
+def _check_fields(c):  # AdaMixConfig.__post_init__, _check_config
+    """A TypeError or ValueError naming the first field of AdaMixConfig `c` that is out of range."""
+    def bad(field, rule, error=ValueError):
+        raise error(f"AdaMixConfig.{field} must be {rule}, got {getattr(c, field)!r}")
+    for field in ("num_experts", "r"):  # a count: 2.5 experts or a rank of 0 mean nothing
+        if not isinstance(getattr(c, field), numbers.Integral) or type(getattr(c, field)) is bool:
+            bad(field, "an int", TypeError)
+        if getattr(c, field) < 1:
+            bad(field, "at least 1")
+    for field in ("init_std", "lora_alpha", "lora_dropout"):
+        if not isinstance(getattr(c, field), numbers.Real) or type(getattr(c, field)) is bool:
+            bad(field, "a number", TypeError)
+    if not 0 <= c.init_std < math.inf:
+        bad("init_std", "finite and >= 0 (a standard deviation)")
+    if not 0 < c.lora_alpha < math.inf:
+        bad("lora_alpha", "finite and > 0 (the LoRA update is scaled by lora_alpha / r)")
+    if not 0 <= c.lora_dropout < 1:
+        bad("lora_dropout", "in [0, 1) (the probability of zeroing an input of LoRA)")
+    if not isinstance(c.zero_up, bool):
+        bad("zero_up", "True or False", TypeError)
+    if c.share not in ("up", "down", "none"):
+        bad("share", "'up', 'down' or 'none'")
+    if c.init not in ("independent", "identical"):
+        bad("init", "'independent' or 'identical'")
 
 
 def _refuse(model, name):
@@ -733,16 +762,20 @@ def expert_distance(model):
 
 
 def collapse_experts(model):
-    """Replace each side's M experts by their mean (M = 1): one plain adapter / LoRA per mixture,
-    so the model's parameter count is that of the underlying method. Build a new optimiser after."""
+    """Replace each side's M experts by their mean (M = 1; under a "soup:..." mode, the mean of the
+    soup's experts): one plain adapter / LoRA per mixture, so the model's parameter count is that
+    of the underlying method. The mode becomes "merged". Build a new optimiser after."""
     with torch.no_grad():
         for m in mixtures(model):
+            keep = list(m._soup())
             for name in ("down_weight", "down_bias", "up_weight", "up_bias"):
                 ps = getattr(m, PREFIX + name)
                 if ps is not None and len(ps) > 1:
-                    mean = torch.stack(list(ps)).mean(0)
+                    mean = torch.stack([ps[i] for i in keep]).mean(0)
                     mean = nn.Parameter(mean, requires_grad=ps[0].requires_grad)
                     setattr(m, PREFIX + name, nn.ParameterList([mean]))
+            if m.inference.startswith("soup:"):
+                m.inference = "merged"
 
 
 def merged_lora(model):

@@ -439,6 +439,10 @@ def test_soup_averages_only_its_experts(s, data):
     for bad in ("soup:", f"soup:{M}", "soup:0,0", "soup:0;1"):
         with pytest.raises(ValueError):
             adamix.set_inference(model, bad)
+    adamix.set_inference(model, "soup:" + ",".join(map(str, keep)))
+    adamix.collapse_experts(model)  # one expert per side: the soup's mean
+    assert max(counts(model.layers[0])) == 1 and model.layers[0].inference == "merged"
+    torch.testing.assert_close(model(x), out, **TIGHT)
 
 
 @given(setups(depth=2), st.sampled_from([dict(foreach=False), dict(foreach=True), dict(fused=True)]))
