@@ -313,8 +313,8 @@ def add_adamix(model, targets, kind="adapter", config=None, seed=0):
     of the layer it wraps (from_pretrained returns a model in eval mode: call .train() to train)."""
     model = _inner(model)
     config = config or AdaMixConfig()
+    _check_config(config, kind)  # or a TypeError / ValueError naming the argument
     cls = {"adapter": AdapterMixture, "lora": LoRAMixture}[kind]
-    _check_config(config)
     names = _layers_to_wrap(model, targets)  # or a ValueError that lists what cannot be wrapped
     init = torch.Generator().manual_seed(seed + 1)  # init has its own stream: routes do not use it
     new = []
@@ -553,7 +553,9 @@ def _add_to_weight(m, delta, sign=1.0):  # W += sign * delta; W is (out, in), Co
     m.base.weight += sign * (delta.T if m.transposed else delta).to(m.base.weight.dtype)
 
 
-def _check_config(config):  # add_adamix: the fields again, as they may have changed since
+def _check_config(config, kind):  # add_adamix: the fields again, as they may have changed since
+    if kind not in ("adapter", "lora"):
+        raise ValueError(f"kind must be 'adapter' or 'lora', got {kind!r}")
     if not isinstance(config, AdaMixConfig):
         raise TypeError(f"config must be an AdaMixConfig, got {type(config).__name__}")
     _check_fields(config)
@@ -605,12 +607,24 @@ def _refuse(model, name):
 
 def _layers_to_wrap(model, targets):
     """The names of the nn.Linear / Conv1D layers that match `targets` and are not inside a mixture
-    already; a ValueError if none does, or listing every one that cannot be wrapped."""
-    inside = {n for m_name, m in model.named_modules() if isinstance(m, _Mixture)
-              for n, _ in m.named_modules(prefix=m_name)}
+    already; a TypeError for targets that are not a list of patterns (one string: each character
+    would be a pattern, "*" among them), a ValueError if no layer matches (naming the matching ones
+    that hold a mixture already), or listing every one that cannot be wrapped."""
+    if isinstance(targets, str):
+        raise TypeError(f"targets must be a list of name patterns, not one string: pass "
+                        f"[{targets!r}] (each character of {targets!r} would be a pattern)")
+    targets = list(targets) if hasattr(targets, "__iter__") else [targets]
+    if (bad := [t for t in targets if not isinstance(t, str)]):
+        raise TypeError(f"targets must be a list of name patterns (str), got {bad[0]!r}")
+    matches = lambda n: any(fnmatch.fnmatchcase(_unprefixed(n), t) for t in targets)
+    held = {n: m for n, m in model.named_modules() if isinstance(m, _Mixture)}
+    inside = {n for m_name, m in held.items() for n, _ in m.named_modules(prefix=m_name)}
     names = [n for n, m in model.named_modules()
-             if (isinstance(m, nn.Linear) or _is_conv1d(m)) and n not in inside
-             and any(fnmatch.fnmatchcase(_unprefixed(n), t) for t in targets)]
+             if (isinstance(m, nn.Linear) or _is_conv1d(m)) and n not in inside and matches(n)]
+    if not names and (twice := [n for n in held if matches(n)]):
+        raise ValueError(f"no nn.Linear in the model matches {targets}: {', '.join(twice)} already "
+                         f"{'holds' if len(twice) == 1 else 'hold'} a mixture (call add_adamix "
+                         "once per layer)")
     if not names:
         raise ValueError(f"no nn.Linear in the model matches {targets}")
     refused = [why for n in names if (why := _refuse(model, n))]

@@ -75,3 +75,39 @@ def test_edge_values_that_make_sense_are_accepted():
 def test_a_config_that_is_not_an_adamix_config_is_refused_naming_config():
     with pytest.raises(TypeError, match="config must be an AdaMixConfig"):
         adamix.add_adamix(Net(), ["body.*"], "lora", {"r": 4})
+
+
+# ---- add_adamix: kind, targets, a layer wrapped twice -------------------------------------------
+
+def test_an_unknown_kind_names_kind_and_the_choices():
+    net = Net()
+    with pytest.raises(ValueError, match=r"kind must be 'adapter' or 'lora', got 'moe'"):
+        adamix.add_adamix(net, ["body.*"], "moe")
+    assert not adamix.mixtures(net)
+
+
+def test_targets_as_one_string_is_refused_before_anything_is_wrapped():
+    """"body.*" used to be read character by character: its "*" wrapped every layer, the head
+    too."""
+    net = Net()
+    with pytest.raises(TypeError, match=r"targets must be a list of name patterns.*\['body\.\*'\]"):
+        adamix.add_adamix(net, "body.*", "lora")
+    assert not adamix.mixtures(net) and isinstance(net.head, nn.Linear)
+    with pytest.raises(TypeError, match=r"targets must be a list of name patterns \(str\), got 0"):
+        adamix.add_adamix(net, ["body.*", 0], "lora")
+
+
+def test_targets_may_be_any_iterable_of_patterns_even_a_generator():
+    net = Net()
+    router = adamix.add_adamix(net, (t for t in ["body.1", "body.0"]), "lora")
+    assert len(router.mixtures) == 2 and isinstance(net.head, nn.Linear)
+
+
+def test_a_layer_wrapped_twice_says_it_already_holds_a_mixture():
+    net = wrapped()
+    with pytest.raises(ValueError, match=r"body\.0 already holds a mixture.*add_adamix once"):
+        adamix.add_adamix(net, ["body.0"], "adapter")
+    with pytest.raises(ValueError, match=r"body\.0, body\.1 already hold"):
+        adamix.add_adamix(net, ["body.*"], "lora")
+    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):  # nothing wrapped
+        adamix.add_adamix(net, ["tail"], "lora")
