@@ -698,15 +698,26 @@ def _draw_differing(m, raw, sizes):
 # --- loading: all or nothing; router states saved before the seed was
 
 def _all_or_nothing(own, state_dict):
-    """Raise, naming every missing key, every unexpected key and every shape mismatch at once,
-    unless `state_dict` has exactly the keys and shapes of `own` (what the model would save)."""
+    """Raise, naming every problem at once, unless `state_dict` has exactly the keys and shapes of
+    `own` (what the model would save): missing and unexpected keys, shape mismatches, and where the
+    model holds floats, values that are not floating-point tensors (load_state_dict would cast an
+    integer tensor's values to weights silently) or that hold NaN or inf."""
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise RuntimeError(f"AdaMix state dict does not match the model: missing keys {missing}, "
-                           f"unexpected keys {unexpected}, shape mismatches {shapes}")
+    both = [(k, state_dict[k], v) for k, v in own.items() if k in state_dict]
+    shapes = [f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(v.shape)}"
+              for k, t, v in both if torch.is_tensor(t) and t.shape != v.shape]
+    floats = [(k, t) for k, t, v in both if v.is_floating_point()]
+    not_float = [f"{k}: {t.dtype}" if torch.is_tensor(t) else f"{k}: {type(t).__name__}, not a "
+                 "tensor" for k, t in floats if not (torch.is_tensor(t) and t.is_floating_point())]
+    not_finite = [k for k, t in floats if torch.is_tensor(t) and t.is_floating_point()
+                  and not torch.isfinite(t).all()]
+    if missing or unexpected or shapes or not_float or not_finite:
+        more = [f"not floating point {not_float}"] if not_float else []
+        more += [f"not finite (NaN or inf) {not_finite}"] if not_finite else []
+        raise RuntimeError(", ".join([
+            f"AdaMix state dict does not match the model: missing keys {missing}",
+            f"unexpected keys {unexpected}", f"shape mismatches {shapes}", *more]))
 
 
 def _with_router_seeds(model, state_dict):

@@ -111,3 +111,46 @@ def test_a_layer_wrapped_twice_says_it_already_holds_a_mixture():
         adamix.add_adamix(net, ["body.*"], "lora")
     with pytest.raises(ValueError, match="no nn.Linear in the model matches"):  # nothing wrapped
         adamix.add_adamix(net, ["tail"], "lora")
+
+
+# ---- load_adamix_state_dict: lora_alpha, NaN / inf, integer tensors, all at once ----------------
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_tensor_is_refused_naming_its_key(bad):
+    saved = adamix.adamix_state_dict(wrapped())
+    saved["body.1.adamix_down_weight.0"][0, 1] = bad
+    with pytest.raises(RuntimeError,
+                       match=r"not finite \(NaN or inf\) \['body\.1\.adamix_down_weight\.0'\]"):
+        adamix.load_adamix_state_dict(wrapped(seed=1), saved)
+
+
+def test_an_integer_tensor_for_a_float_parameter_is_refused_naming_key_and_dtype():
+    saved = adamix.adamix_state_dict(wrapped("adapter"))
+    saved["body.0.adamix_down_bias.1"] = saved["body.0.adamix_down_bias.1"].to(torch.int32)
+    saved["head.weight"] = torch.ones(2, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"not floating point \['body\.0\.adamix_down_bias\.1: "
+                                           r"torch\.int32', 'head\.weight: torch\.bool'\]"):
+        adamix.load_adamix_state_dict(wrapped("adapter", seed=1), saved)
+    saved["head.weight"] = [[1.0] * 8] * 2  # not a tensor at all
+    with pytest.raises(RuntimeError, match=r"'head\.weight: list, not a tensor'"):
+        adamix.load_adamix_state_dict(wrapped("adapter", seed=1), saved)
+
+
+def test_a_bfloat16_file_still_loads_into_a_float32_model():
+    saved = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+             for k, v in adamix.adamix_state_dict(wrapped("adapter")).items()}
+    adamix.load_adamix_state_dict(wrapped("adapter", seed=1), saved)
+
+
+def test_every_problem_of_a_state_dict_is_listed_at_once():
+    saved = adamix.adamix_state_dict(wrapped())
+    del saved["head.bias"]
+    saved["body.0.adamix_down_weight.1"] = torch.zeros(3, 3)
+    saved["body.1.adamix_up_weight.0"][0, 0] = math.nan
+    saved["body.1.adamix_down_weight.1"] = saved["body.1.adamix_down_weight.1"].long()
+    with pytest.raises(RuntimeError) as refused:
+        adamix.load_adamix_state_dict(wrapped(seed=1), saved)
+    said = str(refused.value)
+    for named in ("missing keys ['head.bias']", "body.0.adamix_down_weight.1: checkpoint (3, 3)",
+                  "body.1.adamix_up_weight.0'", "body.1.adamix_down_weight.1: torch.int64"):
+        assert named in said, said
