@@ -387,23 +387,26 @@ def count_parameters(model, head="head"):
 
 
 def adamix_state_dict(model, head="head", router=True):
-    """Only the AdaMix weights, the head, and (router=True) each Router's state_dict() as
-    `adamix_router.{i}.{generator,seed,views,differ}`: the small file to save. Names carry no
-    wrapper prefix."""
+    """Only the AdaMix weights, the head, each LoRA mixture's alpha as `{layer}.adamix_lora_alpha`
+    (a float32 scalar: the weights mean nothing under another alpha), and (router=True) each
+    Router's state_dict() as `adamix_router.{i}.{generator,seed,views,differ}`: the small file to
+    save. Names carry no wrapper prefix."""
     _named_parameters(model, head)  # checks the head
     out = {_unprefixed(k): v for k, v in _inner(model).state_dict().items()
            if PREFIX in k or _is_head(_unprefixed(k), head)}
+    out.update(_lora_alphas(model))
     for i, r in enumerate(routers(model) if router else []):
         out.update({f"adamix_router.{i}.{k}": v for k, v in r.state_dict().items()})
     return out
 
 
 def load_adamix_state_dict(model, state_dict, head="head"):
-    """Load adamix_state_dict's output, all or nothing: every key and shape must match, and every
-    mismatch is listed. Router entries restore the routers; router=False files load too."""
+    """Load adamix_state_dict's output, all or nothing: every key, shape and lora_alpha must match,
+    every float must be finite, and every mismatch is listed. Router entries restore the routers;
+    router=False files load too, and so do older files without lora_alpha (unchecked, then)."""
     if any(getattr(m, "folded", False) for m in mixtures(model)):
         raise RuntimeError("LoRA is folded: call unfold_lora(model) before loading, fold_lora after")
-    state_dict = _with_router_seeds(model, state_dict)  # older files saved no router seed
+    state_dict = _as_saved_now(model, state_dict)  # older files: no router seed, no lora_alpha
     with_router = any(k.startswith("adamix_router.") for k in state_dict)
     _all_or_nothing(adamix_state_dict(model, head, router=with_router), state_dict)
     inner = _inner(model)
@@ -712,21 +715,41 @@ def _all_or_nothing(own, state_dict):
                  "tensor" for k, t in floats if not (torch.is_tensor(t) and t.is_floating_point())]
     not_finite = [k for k, t in floats if torch.is_tensor(t) and t.is_floating_point()
                   and not torch.isfinite(t).all()]
-    if missing or unexpected or shapes or not_float or not_finite:
+    alphas = [f"{k}: checkpoint {t.item():g} vs model {v.item():g}" for k, t, v in both
+              if k.endswith(ALPHA) and k not in not_finite and torch.is_tensor(t)
+              and t.is_floating_point() and t.shape == v.shape and not math.isclose(  # to the precision it was saved in
+                  t.item(), v.item(), rel_tol=max(1e-6, torch.finfo(t.dtype).eps))]
+    if missing or unexpected or shapes or not_float or not_finite or alphas:
         more = [f"not floating point {not_float}"] if not_float else []
         more += [f"not finite (NaN or inf) {not_finite}"] if not_finite else []
+        more += [f"lora_alpha mismatches {alphas} (LoRA's update is scaled by lora_alpha / r: "
+                 "build the model with the lora_alpha it was saved with)"] if alphas else []
         raise RuntimeError(", ".join([
             f"AdaMix state dict does not match the model: missing keys {missing}",
             f"unexpected keys {unexpected}", f"shape mismatches {shapes}", *more]))
 
 
-def _with_router_seeds(model, state_dict):
+def _as_saved_now(model, state_dict):
     """An adamix_state_dict saved before routers saved their seed (it held only generator, views,
-    differ) loads as if it held each router's current seed."""
+    differ) loads as if it held each router's current seed; one saved before LoRA mixtures saved
+    their alpha (no key `*adamix_lora_alpha` at all) as if it held the model's alphas."""
     older = {f"adamix_router.{i}.seed": torch.tensor(r.seed) for i, r in enumerate(routers(model))
              if f"adamix_router.{i}.generator" in state_dict
              and f"adamix_router.{i}.seed" not in state_dict}
+    if not any(k.endswith(ALPHA) for k in state_dict):
+        older.update(_lora_alphas(model))
     return {**state_dict, **older} if older else state_dict
+
+
+ALPHA = PREFIX + "lora_alpha"  # adamix_state_dict's key for each LoRA mixture's alpha
+
+
+def _lora_alphas(model):
+    """{"{layer}.adamix_lora_alpha": alpha} of every LoRA mixture, the alpha that its scaling
+    alpha / r was made with (r: the rows of A)."""
+    return {(_unprefixed(n) + "." if n else "") + ALPHA:
+            torch.tensor(m.scaling * m.adamix_down_weight[0].shape[0], dtype=torch.float32)
+            for n, m in _inner(model).named_modules() if isinstance(m, LoRAMixture)}
 
 
 # --- tools built on routes and merging: ensemble, expert distance, collapse, LoRA factors, unwrap

@@ -115,6 +115,31 @@ def test_a_layer_wrapped_twice_says_it_already_holds_a_mixture():
 
 # ---- load_adamix_state_dict: lora_alpha, NaN / inf, integer tensors, all at once ----------------
 
+def test_lora_alpha_is_saved_beside_each_lora_mixture_and_a_different_one_is_refused():
+    saved = adamix.adamix_state_dict(wrapped(lora_alpha=16.0))
+    assert saved["body.0.adamix_lora_alpha"].item() == 16.0
+    adapters = adamix.adamix_state_dict(wrapped("adapter"))
+    assert not any(k.endswith("adamix_lora_alpha") for k in adapters)
+    fresh = wrapped(seed=1, lora_alpha=32.0)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(RuntimeError, match=r"lora_alpha mismatches \['body\.0\.adamix_lora_alpha: "
+                       r"checkpoint 16 vs model 32', 'body\.1\.adamix_lora_alpha: checkpoint 16"):
+        adamix.load_adamix_state_dict(fresh, saved)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # nothing loaded
+    adamix.load_adamix_state_dict(wrapped(seed=1, lora_alpha=16.0), saved)
+
+
+def test_a_file_saved_before_lora_alpha_was_saved_still_loads():
+    net = wrapped(lora_alpha=16.0)
+    older = {k: v for k, v in adamix.adamix_state_dict(net).items() if "lora_alpha" not in k}
+    fresh = wrapped(seed=1, lora_alpha=16.0)
+    adamix.load_adamix_state_dict(fresh, older)
+    assert all(torch.equal(v, adamix.adamix_state_dict(fresh)[k]) for k, v in older.items())
+    partly = {**older, "body.0.adamix_lora_alpha": torch.tensor(16.0)}
+    with pytest.raises(RuntimeError, match=r"missing keys \['body\.1\.adamix_lora_alpha'\]"):
+        adamix.load_adamix_state_dict(fresh, partly)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_a_non_finite_tensor_is_refused_naming_its_key(bad):
     saved = adamix.adamix_state_dict(wrapped())
@@ -143,14 +168,15 @@ def test_a_bfloat16_file_still_loads_into_a_float32_model():
 
 
 def test_every_problem_of_a_state_dict_is_listed_at_once():
-    saved = adamix.adamix_state_dict(wrapped())
+    saved = adamix.adamix_state_dict(wrapped(lora_alpha=16.0))
     del saved["head.bias"]
     saved["body.0.adamix_down_weight.1"] = torch.zeros(3, 3)
     saved["body.1.adamix_up_weight.0"][0, 0] = math.nan
     saved["body.1.adamix_down_weight.1"] = saved["body.1.adamix_down_weight.1"].long()
     with pytest.raises(RuntimeError) as refused:
-        adamix.load_adamix_state_dict(wrapped(seed=1), saved)
+        adamix.load_adamix_state_dict(wrapped(seed=1, lora_alpha=32.0), saved)
     said = str(refused.value)
     for named in ("missing keys ['head.bias']", "body.0.adamix_down_weight.1: checkpoint (3, 3)",
-                  "body.1.adamix_up_weight.0'", "body.1.adamix_down_weight.1: torch.int64"):
+                  "body.1.adamix_up_weight.0'", "body.1.adamix_down_weight.1: torch.int64",
+                  "body.0.adamix_lora_alpha: checkpoint 16 vs model 32"):
         assert named in said, said
