@@ -56,6 +56,11 @@ def export_peft(model, folder, base_model_name_or_path=None, head=None):
         lora_B = [[B_q, 0], [0, 0], [0, B_v]]  (3C, 2r)
     Rows 0:C of lora_B are q's outputs, C:2C k's, 2C:3C v's, so lora_B @ lora_A =
     [B_q A_q; 0; B_v A_v], with the scalings folded into the blocks of lora_B."""
+    adapters = [n for n, m in model.named_modules()
+                if isinstance(m, (adamix.AdapterMixture, adamix.Adapter))]
+    if adapters:  # not "unfold_lora first", which merged_lora says of folded LoRA
+        raise ValueError(f"{adapters[0]}: an adapter; PEFT's LoRA format holds LoRA only "
+                         "(adapters cannot be exported to it)")
     factors = adamix.merged_lora(model)
     if not factors:
         raise ValueError("the model has no LoRA mixture to export")

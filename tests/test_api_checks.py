@@ -180,3 +180,14 @@ def test_every_problem_of_a_state_dict_is_listed_at_once():
                   "body.1.adamix_up_weight.0'", "body.1.adamix_down_weight.1: torch.int64",
                   "body.0.adamix_lora_alpha: checkpoint 16 vs model 32"):
         assert named in said, said
+
+
+# ---- export_peft: adapters are not LoRA ----------------------------------------------------------
+
+def test_export_of_adapters_says_that_the_peft_lora_format_holds_lora_only(tmp_path):
+    for net in (wrapped("adapter"), adamix.unwrap(wrapped("adapter"))):
+        with pytest.raises(ValueError, match=r"body\.0: an adapter; PEFT's LoRA format holds "
+                           r"LoRA only \(adapters cannot be exported to it\)") as refused:
+            export.export_peft(net, tmp_path / "peft", head="head")
+        assert "unfold_lora" not in str(refused.value)
+    assert not (tmp_path / "peft").exists()
