@@ -44,7 +44,8 @@ TRAINING = {  # name: train.py flags; the two views of AdaMix are the consistenc
     "AdaMix adapter, batched 2B": dict(method="adamix-adapter", batched_views=True),
     "AdaMix LoRA, 2 passes": dict(method="adamix-lora"),
 }
-DECODING = ["pretrained model", "LoRA", "AdaMix LoRA, merged", "AdaMix LoRA, folded"]  # decoders: INFERENCE rows
+# decoders: INFERENCE rows
+DECODING = ["pretrained model", "LoRA", "AdaMix LoRA, merged", "AdaMix LoRA, folded"]
 INFERENCE = {  # name: (train.py flags, what to do to the trained modules before serving)
     "pretrained model": (dict(method="head-only"), None),
     "adapter": (dict(method="adapter"), None),
@@ -70,7 +71,8 @@ def timed(fn, device):
 
 
 def interleaved(jobs, rounds, repeats, device):
-    """Median seconds per call of every job, timing them in turns: round 1 of each, round 2 of each..."""
+    """Median seconds per call of every job, timing them in turns: round 1 of each, round 2 of
+    each..."""
     times = defaultdict(list)
     for fn in jobs.values():  # warm-up (allocator, kernels, caches)
         fn(), fn()
@@ -82,7 +84,8 @@ def interleaved(jobs, rounds, repeats, device):
 
 def saved_activation_bytes(fn):
     """Bytes of the tensors autograd keeps for backward during fn(): the training memory that grows
-    with the batch (weights and optimiser state aside). Works on every device; shared storage counted once."""
+    with the batch (weights and optimiser state aside). Works on every device; shared storage
+    counted once."""
     seen = {}
 
     def pack(t):
@@ -94,8 +97,10 @@ def saved_activation_bytes(fn):
 
 
 def matmul_flops_per_s(n, c, device, dtype):
-    """FLOP/s of a plain (n, c) @ (c, 4c) matmul, the shape of the FFN's first layer: the device's practical peak."""
-    a, b = torch.randn(n, c, device=device, dtype=dtype), torch.randn(c, 4 * c, device=device, dtype=dtype)
+    """FLOP/s of a plain (n, c) @ (c, 4c) matmul, the shape of the FFN's first layer: the device's
+    practical peak."""
+    a = torch.randn(n, c, device=device, dtype=dtype)
+    b = torch.randn(c, 4 * c, device=device, dtype=dtype)
     seconds = interleaved({"mm": lambda: a @ b}, rounds=5, repeats=10, device=device)["mm"]
     return 2 * n * c * 4 * c / seconds
 
@@ -124,7 +129,8 @@ def profile_top(fn, device, k=3):
 
 def bench(args):
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    precisions = args.precisions.split(",")  # each row is timed in every precision, in the same rounds
+    # each row is timed in every precision, in the same rounds
+    precisions = args.precisions.split(",")
     base = from_pretrained(args.model)
     decoder = base.config.decoder  # a language model: next-token loss, and decoding speed
     if not decoder:
@@ -132,19 +138,22 @@ def bench(args):
     kind = "lm" if decoder else "classification"
     B, T, V = args.batch_size, args.seq_len, base.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(V // 2, V, (B, T), generator=g),  # ordinary tokens, no special ones
+    # ordinary tokens, no special ones
+    batch = {"input_ids": torch.randint(V // 2, V, (B, T), generator=g),
              "attention_mask": torch.ones(B, T, dtype=torch.long)}
     if decoder:
         batch["labels"] = batch["input_ids"].clone()  # every next token is a target
     else:
-        batch.update(token_type_ids=torch.zeros(B, T, dtype=torch.long), labels=torch.randint(2, (B,), generator=g))
+        batch.update(token_type_ids=torch.zeros(B, T, dtype=torch.long),
+                     labels=torch.randint(2, (B,), generator=g))
     batch = {k: v.to(device) for k, v in batch.items()}
     common = dict(experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank)
 
     # --- training steps, keyed (name, precision)
     jobs, flops, memory, trainable = {}, {}, {}, {}
     for (name, flags), precision in itertools.product(TRAINING.items(), precisions):
-        if decoder and flags["method"] == "head-only":  # a language model has no task head to train alone
+        # a language model has no task head to train alone
+        if decoder and flags["method"] == "head-only":
             continue
         cfg = train.TrainConfig(**common, **flags)
         cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
@@ -168,7 +177,8 @@ def bench(args):
         trainable[name] = adamix.count_parameters(net, head=train.head_of(net))["trainable"]
         opt.zero_grad(set_to_none=True)
     step_s = interleaved(jobs, args.rounds, args.repeats, device)
-    top_ops = {key: profile_top(fn, device) for key, fn in jobs.items()} if getattr(args, "profile", False) else {}
+    profile = getattr(args, "profile", False)
+    top_ops = {key: profile_top(fn, device) for key, fn in jobs.items()} if profile else {}
     dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
     peak = {p: matmul_flops_per_s(B * T, base.config.n_embd, device, dtypes[p]) for p in precisions}
 
@@ -176,7 +186,8 @@ def bench(args):
     jobs, added, nets = {}, {}, {}
     for (name, (flags, prepare)), precision in itertools.product(INFERENCE.items(), precisions):
         net, _ = train.adapt(copy.deepcopy(base), train.TrainConfig(**common, **flags))
-        for p in net.parameters():  # trained-looking experts: the zero-initialised sides would make folding trivial
+        # trained-looking experts: the zero-initialised sides would make folding trivial
+        for p in net.parameters():
             if p.requires_grad:
                 p.data.add_(0.01 * torch.randn_like(p))
         net.to(device).eval()
@@ -190,7 +201,8 @@ def bench(args):
         jobs[name, precision], nets[name, precision] = infer, net
     infer_s = interleaved(jobs, args.rounds, args.repeats, device)
 
-    # --- decoding (decoders): greedy new tokens per second for B prompts of T/2 tokens, with and without the cache
+    # --- decoding (decoders): greedy new tokens per second for B prompts of T/2 tokens, with and
+    # without the cache
     decode_s, prompt = {}, batch["input_ids"][:, :max(1, T // 2)]
     if decoder:
         def decode(net, precision, cache):
@@ -200,24 +212,30 @@ def bench(args):
                 for n in DECODING for p in precisions for c in (True, False)}
         decode_s = interleaved(jobs, args.rounds, 1, device)
 
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    machine = (f"{platform.node()} ({platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} threads{gpu})")
     report = dict(
-        machine=f"{platform.node()} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-                + (f", {torch.cuda.get_device_name()}" if device == "cuda" else "") + ")",
-        date=time.strftime("%Y-%m-%d"), torch=torch.__version__, device=device, model=args.model,
-        batch_size=B, seq_len=T, experts=args.experts, bottleneck=args.bottleneck, lora_rank=args.lora_rank,
-        matmul_flops_per_s=peak, precisions=precisions, training={}, inference={})
-    for (n, p), s in step_s.items():  # ratios within one precision; bf16 against fp32 in print_report
+        machine=machine, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, device=device,
+        model=args.model, batch_size=B, seq_len=T, experts=args.experts, bottleneck=args.bottleneck,
+        lora_rank=args.lora_rank, matmul_flops_per_s=peak, precisions=precisions, training={},
+        inference={})
+    # ratios within one precision; bf16 against fp32 in print_report
+    for (n, p), s in step_s.items():
         report["training"].setdefault(n, {})[p] = dict(
             step_ms=1e3 * s, vs_adapter=s / step_s["adapter", p], tokens_per_s=B * T / s,
-            flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s, of_matmul_peak=flops[n, p] / s / peak[p],
+            flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s,
+            of_matmul_peak=flops[n, p] / s / peak[p],
             saved_activations_mb=memory[n, p] / 2**20, trainable_params=trainable[n],
             attention=attention_path_of(T, p, device), top_ops=top_ops.get((n, p)))
     for (n, p), s in infer_s.items():
         report["inference"].setdefault(n, {})[p] = dict(
-            latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter", p], vs_pretrained=s / infer_s["pretrained model", p],
+            latency_ms=1e3 * s, vs_adapter=s / infer_s["adapter", p],
+            vs_pretrained=s / infer_s["pretrained model", p],
             tokens_per_s=B * T / s, added_params=added[n])
-    report["decoding"] = [dict(model=n, precision=p, cache=c, prompt_tokens=prompt.shape[1], new_tokens=args.new_tokens,
-                               tokens_per_s=B * args.new_tokens / s, vs_pretrained=s / decode_s["pretrained model", p, c])
+    report["decoding"] = [dict(model=n, precision=p, cache=c, prompt_tokens=prompt.shape[1],
+                               new_tokens=args.new_tokens, tokens_per_s=B * args.new_tokens / s,
+                               vs_pretrained=s / decode_s["pretrained model", p, c])
                           for (n, p, c), s in decode_s.items()]
     if device == "cuda":
         report["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -226,16 +244,20 @@ def bench(args):
 
 def print_report(r):
     print(f"{r['model']}, batch {r['batch_size']} x {r['seq_len']} tokens, M={r['experts']}, "
-          f"adapter r={r['bottleneck']}, LoRA r={r['lora_rank']}; {r['device']}: {r['machine']}, {r['date']}")
+          f"adapter r={r['bottleneck']}, LoRA r={r['lora_rank']}; {r['device']}: {r['machine']}, "
+          f"{r['date']}")
     ps = r["precisions"]
-    vs = lambda by, key: f"{by['bf16'][key] / by['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""  # bf16/fp32
-    print(f"\n{'training step':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}{'GFLOP':>8}"
-          f"{'of matmul':>11}{'act. MB':>9}{'trained':>10}{'attention':>13}"
+
+    def vs(by, key):  # bf16/fp32
+        return f"{by['bf16'][key] / by['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""
+    print(f"\n{'training step':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}"
+          f"{'GFLOP':>8}{'of matmul':>11}{'act. MB':>9}{'trained':>10}{'attention':>13}"
           + ("  bf16/fp32" if len(ps) == 2 else ""))
     for n, by in r["training"].items():
         for p, t in by.items():
-            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['step_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
-                  f"{t['tokens_per_s']:>10.0f}{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
+            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['step_ms']:>9.1f}"
+                  f"{t['vs_adapter']:>11.2f}{t['tokens_per_s']:>10.0f}"
+                  f"{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
                   f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}"
                   f"{t.get('attention', ''):>13}" + (vs(by, "step_ms") if p == ps[-1] else ""))
     for n, by in r["training"].items():
@@ -243,25 +265,29 @@ def print_report(r):
             if t.get("top_ops"):
                 ops = ", ".join(f"{op} {100 * share:.0f}%" for op, share in t["top_ops"])
                 print(f"  profile of {n}, {p}: {ops}")
-    print("(plain matmul: " + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in r["matmul_flops_per_s"].items()) + ")")
-    print(f"\n{'inference forward':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'x pretrained':>14}{'tokens/s':>10}"
-          f"{'added params':>14}" + ("  bf16/fp32" if len(ps) == 2 else ""))
+    peaks = ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in r["matmul_flops_per_s"].items())
+    print(f"(plain matmul: {peaks})")
+    print(f"\n{'inference forward':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}"
+          f"{'x pretrained':>14}{'tokens/s':>10}{'added params':>14}"
+          + ("  bf16/fp32" if len(ps) == 2 else ""))
     for n, by in r["inference"].items():
         for p, t in by.items():
-            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['latency_ms']:>9.1f}{t['vs_adapter']:>11.2f}"
-                  f"{t['vs_pretrained']:>14.2f}{t['tokens_per_s']:>10.0f}{t['added_params']:>14,}"
-                  + (vs(by, "latency_ms") if p == ps[-1] else ""))
+            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['latency_ms']:>9.1f}"
+                  f"{t['vs_adapter']:>11.2f}{t['vs_pretrained']:>14.2f}{t['tokens_per_s']:>10.0f}"
+                  f"{t['added_params']:>14,}" + (vs(by, "latency_ms") if p == ps[-1] else ""))
     if r.get("decoding"):
         d = r["decoding"][0]
-        print(f"\n{'greedy decoding':<28}{'precision':>10}{'cache':>7}{'new tokens/s':>14}{'x pretrained':>14}"
-              f"   ({r['batch_size']} prompts of {d['prompt_tokens']} tokens, {d['new_tokens']} new tokens each)")
+        print(f"\n{'greedy decoding':<28}{'precision':>10}{'cache':>7}{'new tokens/s':>14}"
+              f"{'x pretrained':>14}   ({r['batch_size']} prompts of {d['prompt_tokens']} tokens, "
+              f"{d['new_tokens']} new tokens each)")
         for d in r["decoding"]:
-            print(f"{d['model']:<28}{d['precision']:>10}{'yes' if d['cache'] else 'no':>7}{d['tokens_per_s']:>14.1f}"
-                  f"{d['vs_pretrained']:>14.2f}")
+            print(f"{d['model']:<28}{d['precision']:>10}{'yes' if d['cache'] else 'no':>7}"
+                  f"{d['tokens_per_s']:>14.1f}{d['vs_pretrained']:>14.2f}")
 
 
 # -----------------------------------------------------------------------------
-# the attention rule: model.attention writes attention out where that trains faster than the fused kernel
+# the attention rule: model.attention writes attention out where that trains faster than the
+# fused kernel
 
 def attention_table(args, lengths=(32, 64, 128, 256, 512), tokens=2048):
     """For each number of tokens T (batches of about `tokens` tokens) and precision: attention alone
@@ -272,8 +298,8 @@ def attention_table(args, lengths=(32, 64, 128, 256, 512), tokens=2048):
     nh, C = base.config.n_head, base.config.n_embd
     dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
-    cfg = train.TrainConfig(method="adamix-adapter", experts=args.experts, bottleneck=args.bottleneck,
-                            consistency=1.0)
+    cfg = train.TrainConfig(method="adamix-adapter", experts=args.experts,
+                            bottleneck=args.bottleneck, consistency=1.0)
     net, router = train.adapt(copy.deepcopy(base), cfg)
     net.to(device).train()
     rows = []
@@ -314,10 +340,11 @@ def attention_table(args, lengths=(32, 64, 128, 256, 512), tokens=2048):
                   interleaved(jobs, args.rounds, args.repeats, device).items()}
             path = model.attention_path(qs[0], qs[1])
             rows.append(dict(tokens=T, batch=B, precision=precision, path=path, **ms))
-            print(f"T {T:>4} x B {B:>3} {precision:>5}: attention written out {ms['written out']:7.1f} ms,"
-                  f" fused {ms['fused']:7.1f} ms ({ms['written out'] / ms['fused']:.2f}); AdaMix step"
-                  f" with the rule ({path}) {ms['step, rule']:7.1f} ms, fused"
-                  f" {ms['step, fused']:7.1f} ms ({ms['step, rule'] / ms['step, fused']:.2f})",
+            print(f"T {T:>4} x B {B:>3} {precision:>5}: attention written out"
+                  f" {ms['written out']:7.1f} ms, fused {ms['fused']:7.1f} ms"
+                  f" ({ms['written out'] / ms['fused']:.2f}); AdaMix step with the rule ({path})"
+                  f" {ms['step, rule']:7.1f} ms, fused {ms['step, fused']:7.1f} ms"
+                  f" ({ms['step, rule'] / ms['step, fused']:.2f})",
                   flush=True)
     return rows
 
@@ -334,38 +361,47 @@ def results_table(folder):
         m = json.loads(path.read_text())
         runs[m["config"]["method"]].append(m)
     if not runs:
-        raise FileNotFoundError(f"no */metrics.json under {folder}: run train.py with --out_dir {folder}/<name>")
-    mean_std = lambda xs: (f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1
-                           else f"{100 * xs[0]:.2f}")
-    rows = ["| method | seeds | trained params | test acc. (merged) | random expert | expert 0 | ensemble | min/run |",
+        raise FileNotFoundError(f"no */metrics.json under {folder}: run train.py with "
+                                f"--out_dir {folder}/<name>")
+    mean_std = lambda xs: (f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
+                           if len(xs) > 1 else f"{100 * xs[0]:.2f}")
+    rows = ["| method | seeds | trained params | test acc. (merged) | random expert | expert 0 | "
+            "ensemble | min/run |",
             "|---|---|---|---|---|---|---|---|"]
     for method in sorted(runs, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
         ms = runs[method]
-        main = "accuracy" if "accuracy" in ms[0]["test"]["merged"] else next(iter(ms[0]["test"]["merged"]))
-        cell = lambda mode: mean_std([m["test"][mode][main] for m in ms]) if mode in ms[0]["test"] else "—"
-        known = [m["wall_time_s"] for m in ms if m["wall_time_s"] is not None]  # None: a run resumed from an old checkpoint
+        merged = ms[0]["test"]["merged"]
+        main = "accuracy" if "accuracy" in merged else next(iter(merged))
+        cell = lambda mode: (mean_std([m["test"][mode][main] for m in ms]) if mode in ms[0]["test"]
+                             else "—")
+        # None: a run resumed from an old checkpoint
+        known = [m["wall_time_s"] for m in ms if m["wall_time_s"] is not None]
         minutes = f"{statistics.mean(known) / 60:.1f}" if known else "—"
         rows.append(f"| {method} | {', '.join(str(m['config']['seed']) for m in ms)} | "
-                    f"{ms[0]['parameters']['trainable']:,} | {cell('merged')} | {cell('random')} | {cell('expert:0')} | "
-                    f"{cell('ensemble')} | {minutes} |")
+                    f"{ms[0]['parameters']['trainable']:,} | {cell('merged')} | {cell('random')} | "
+                    f"{cell('expert:0')} | {cell('ensemble')} | {minutes} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--bottleneck", type=int, default=16)
     p.add_argument("--lora_rank", type=int, default=8)
-    p.add_argument("--new_tokens", type=int, default=32, help="greedy tokens generated per prompt (decoders)")
+    p.add_argument("--new_tokens", type=int, default=32,
+                   help="greedy tokens generated per prompt (decoders)")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds; the median is kept")
     p.add_argument("--repeats", type=int, default=3, help="calls per round")
     p.add_argument("--device", default="auto", help="auto | cpu")
-    p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both, comma-separated: each row in each")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="fp32, bf16 or both, comma-separated: each row in each")
     p.add_argument("--out_dir", default="out", help="the JSON report goes to OUT_DIR/bench.json")
-    p.add_argument("--results", metavar="FOLDER", help="print the results table of the runs in FOLDER instead")
+    p.add_argument("--results", metavar="FOLDER",
+                   help="print the results table of the runs in FOLDER instead")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of every training row: its three costliest ops")
     p.add_argument("--attention", action="store_true",
