@@ -715,10 +715,11 @@ def _all_or_nothing(own, state_dict):
                  "tensor" for k, t in floats if not (torch.is_tensor(t) and t.is_floating_point())]
     not_finite = [k for k, t in floats if torch.is_tensor(t) and t.is_floating_point()
                   and not torch.isfinite(t).all()]
+    eps = lambda t: max(1e-6, torch.finfo(t.dtype).eps)  # alphas equal in the dtype of the file
     alphas = [f"{k}: checkpoint {t.item():g} vs model {v.item():g}" for k, t, v in both
               if k.endswith(ALPHA) and k not in not_finite and torch.is_tensor(t)
-              and t.is_floating_point() and t.shape == v.shape and not math.isclose(  # to the precision it was saved in
-                  t.item(), v.item(), rel_tol=max(1e-6, torch.finfo(t.dtype).eps))]
+              and t.is_floating_point() and t.shape == v.shape
+              and not math.isclose(t.item(), v.item(), rel_tol=eps(t))]
     if missing or unexpected or shapes or not_float or not_finite or alphas:
         more = [f"not floating point {not_float}"] if not_float else []
         more += [f"not finite (NaN or inf) {not_finite}"] if not_finite else []

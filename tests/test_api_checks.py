@@ -161,10 +161,13 @@ def test_an_integer_tensor_for_a_float_parameter_is_refused_naming_key_and_dtype
         adamix.load_adamix_state_dict(wrapped("adapter", seed=1), saved)
 
 
-def test_a_bfloat16_file_still_loads_into_a_float32_model():
+@pytest.mark.parametrize("kind", ["adapter", "lora"])
+def test_a_bfloat16_file_still_loads_into_a_float32_model(kind):
+    """lora_alpha 0.3 in bfloat16 is 0.30078: equal to the model's in the precision of the file."""
+    alpha = {"lora_alpha": 0.3} if kind == "lora" else {}
     saved = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-             for k, v in adamix.adamix_state_dict(wrapped("adapter")).items()}
-    adamix.load_adamix_state_dict(wrapped("adapter", seed=1), saved)
+             for k, v in adamix.adamix_state_dict(wrapped(kind, **alpha)).items()}
+    adamix.load_adamix_state_dict(wrapped(kind, seed=1, **alpha), saved)
 
 
 def test_every_problem_of_a_state_dict_is_listed_at_once():
