@@ -8,12 +8,14 @@ data.py: text to batches, and the metrics that score them. Read top to bottom:
   4. one seeded, hash-based split rule for every split this file makes;
   5. tokenisation (sentence pairs; the LoRA NLG template for GPT-2) and batching (padding, length
      buckets);
-  6. `load_task`, the one entry point train.py calls.
+  6. `load_task`, the one entry point train.py calls, and `fingerprint`, the sha256 of what it
+     read (train.py's --resume refuses data that changed).
 A malformed row or an empty file is a ValueError naming the file and line: nothing is dropped.
 """
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from formats import CACHE_DIR, download_url, pip_download
+from formats import CACHE_DIR, download_url, new_folders, pip_download
 
 IGNORE_INDEX = -100      # a label torch's cross_entropy skips: LM context and padding
 CLASSIFY_MAX_LEN = 128   # tokens per classification example (the official GLUE scripts: 128)
@@ -253,9 +255,10 @@ def tsv_rows(f, path):
 
 def read_glue(path, task):
     """One GLUE TSV file -> [Example]. Every row must have as many columns as the header (CoLA,
-    which has none: 4), and a known label or a numeric score."""
+    which has none: 4), some text, and a known label or a numeric score. A pair with one empty
+    sentence is kept, with one warning per file (see below)."""
     spec, path = GLUE_TASKS[task], Path(path)
-    cols, examples = [spec.text_a, spec.text_b, spec.label], []
+    cols, examples, one_empty = [spec.text_a, spec.text_b, spec.label], [], []
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = tsv_rows(f, path)
         if isinstance(spec.label, int):                              # CoLA: no header, by index
@@ -274,6 +277,14 @@ def read_glue(path, task):
                 raise ValueError(f"{where}: expected {width} tab-separated columns, "
                                  f"found {len(row)}")
             a, b, y = (None if c is None else row[c] for c in cols)
+            empty = [name for name, text in zip((spec.text_a, spec.text_b), (a, b))
+                     if text is not None and not text.strip()]
+            if empty and len(empty) == 1 + (b is not None):  # no text at all: nothing to learn
+                raise ValueError(f"{where}: {' and '.join(map(column_name, empty))} "
+                                 f"{'is' if len(empty) == 1 else 'are'} empty: an example "
+                                 "without text; fill in or delete the line")
+            if empty:
+                one_empty.append(line)
             if spec.labels is None:
                 try:
                     score = float(y)
@@ -291,35 +302,49 @@ def read_glue(path, task):
             examples.append(Example(a, b, y))
     if not examples:
         raise ValueError(f"{path}: no examples (empty file)")
+    if one_empty:
+        # Not refused: GLUE's own QQP train.tsv has two pairs whose question2 is empty
+        # (huggingface/datasets#277), and refusing them would refuse QQP. The pair keeps its
+        # other sentence; the rows are kept as the benchmark has them, and said once per file.
+        print(f"warning: {path}: {len(one_empty)} pair(s) with one empty sentence (line "
+              f"{', '.join(map(str, one_empty[:3]))}{', ...' * (len(one_empty) > 3)}); "
+              "kept as they are, like the 2 in GLUE's own QQP train.tsv")
     return examples
+
+
+def column_name(column):
+    """A GLUE column by its header name, or CoLA's (no header) by its position from 1."""
+    return repr(column) if isinstance(column, str) else f"column {column + 1}"
 
 
 def download_glue(task, data_dir, base_url=None):
     """Fetch one task into data_dir/<folder>, atomically: the files are assembled in a temporary
-    folder that is renamed at the end, so an interrupted download never looks like a task folder."""
+    folder that is renamed at the end, so an interrupted download never looks like a task folder,
+    and one that fails leaves none of the folders it made."""
     spec, data_dir = GLUE_TASKS[task], Path(data_dir)
     base = (base_url or os.environ.get("ADAMIX_DATA_URL") or DATA_URL).rstrip("/")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", dir=data_dir))
-    try:
-        for rel in spec.urls:
-            try:
-                file = download_url(f"{base}/{rel}", tmp / Path(rel).name)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(
-                    f"{data_dir / spec.folder} does not exist and downloading it failed: {e}\n"
-                    f"Put the GLUE files there yourself: train.tsv, "
-                    f"{', '.join(spec.dev_files)} (the standard layout).") from e
-            if file.suffix == ".zip":
-                with zipfile.ZipFile(file) as z:
-                    z.extractall(tmp)
-        if task == "mrpc":
-            _split_mrpc(tmp)
-        if not (tmp / spec.folder).is_dir():
-            raise ValueError(f"the files from {base} hold no folder {spec.folder}/")
-        os.replace(tmp / spec.folder, data_dir / spec.folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # a data_dir made here (a mistyped --data_dir, say) is removed again if this fails
+    with new_folders(data_dir):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", dir=data_dir))
+        try:
+            for rel in spec.urls:
+                try:
+                    file = download_url(f"{base}/{rel}", tmp / Path(rel).name)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(
+                        f"{data_dir / spec.folder} does not exist and downloading it failed: {e}\n"
+                        f"Put the GLUE files there yourself: train.tsv, "
+                        f"{', '.join(spec.dev_files)} (the standard layout).") from e
+                if file.suffix == ".zip":
+                    with zipfile.ZipFile(file) as z:
+                        z.extractall(tmp)
+            if task == "mrpc":
+                _split_mrpc(tmp)
+            if not (tmp / spec.folder).is_dir():
+                raise ValueError(f"the files from {base} hold no folder {spec.folder}/")
+            os.replace(tmp / spec.folder, data_dir / spec.folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return data_dir / spec.folder
 
 
@@ -710,3 +735,15 @@ def load_task(task, tokenizer, data_dir=None, max_len=None, split_seed=SPLIT_SEE
               for name, ex in texts.items()}
     return TaskData(task, splits, metric, main, num_labels, pad_id, texts)
 
+
+def fingerprint(texts):
+    """split -> the sha256 of its examples as read (text and label; E2E: the meaning representation
+    and its references), in order: equal for equal data whatever file or cache it came from.
+    train.py stores it in ckpt.pt, and --resume refuses data that changed since the run stopped."""
+    digests = {}
+    for split, items in texts.items():
+        h = hashlib.sha256()
+        for item in items:  # an Example or (mr, [references]): a JSON list, one per line
+            h.update(json.dumps(item).encode() + b"\n")
+        digests[split] = h.hexdigest()
+    return digests
