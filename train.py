@@ -27,7 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import adamix
 import data
+import formats
 from formats import load_tokenizer, torch_load
 from model import from_pretrained, generate
 
@@ -194,6 +195,9 @@ def main(cfg):
     # --- data and model (the same seed on every rank, so new heads start identical), all checked
     torch.manual_seed(cfg.seed)
     tokenizer, task, net, router = load_task_and_model(cfg)
+    read = data.fingerprint(task.texts)  # kept in ckpt.pt: --resume refuses data that changed
+    if ckpt is not None:
+        check_same_data(ckpt, read, ckpt_path, cfg)
     kind = task_kind(task)
     train, dev, test = select_splits(task, kind, cfg)
     check_fits(net, task, cfg)
@@ -214,6 +218,7 @@ def main(cfg):
     # --- the run's state, new or as ckpt.pt left it
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks, routes do not
     run = resume(ckpt, ckpt_path, net, optimizer, router, cfg, rank) if cfg.resume else RunState()
+    run.data = read
     if ddp:  # every rank checks model.pt against the same id
         dist.broadcast_object_list(ids := [run.run_id])
         run.run_id = ids[0]
@@ -705,6 +710,7 @@ class RunState:
     run_id: str = field(default_factory=new_run_id)
     saved: int | None = None  # the step of the last checkpoint
     trained_s: float | None = 0.0  # None: unknown (a checkpoint written before it was recorded)
+    data: dict = field(default_factory=dict)  # split -> sha256 of its examples (data.fingerprint)
     started: float = 0.0  # time.time() when this process began training; not saved
 
 
@@ -721,7 +727,7 @@ def save_checkpoint(path, run, net, optimizer, router, cfg):
                          best=run.best, history=run.history, losses=run.losses,
                          weights=small_state(net, cfg), optimizer=optimizer.state_dict(), rng=rngs,
                          router=router.state_dict() if router is not None else None,
-                         trained_s=trained_s), path)
+                         trained_s=trained_s, data=run.data), path)
     run.saved = run.step
 
 
@@ -745,6 +751,20 @@ def resume(ckpt, path, net, optimizer, router, cfg, rank):
     return RunState(step=ckpt["step"], best=ckpt["best"], history=ckpt["history"],
                     losses=ckpt["losses"], run_id=ckpt["run_id"], saved=ckpt["step"],
                     trained_s=ckpt.get("trained_s"))  # absent from older checkpoints
+
+
+def check_same_data(ckpt, read, path, cfg):
+    """--resume continues on the examples the run was trained on: refused when a split's differ
+    from those ckpt.pt recorded (a data file edited or replaced since the run stopped). A
+    checkpoint of an older train.py recorded none: it resumes unchecked, as it did."""
+    if (stored := ckpt.get("data")) is None:
+        return
+    if changed := [split for split in {**stored, **read} if stored.get(split) != read.get(split)]:
+        source = f"--data_dir {cfg.data_dir}" if cfg.data_dir else "the downloaded files"
+        raise UserError(f"{path}: the {', '.join(changed)} examples of --task {cfg.task} read "
+                        f"from {source} differ from those the run was trained on: the data "
+                        "changed since it stopped; put back the files it used, or start a new run "
+                        "in another --out_dir")
 
 
 def finished_results(out_dir, run_id):
@@ -862,55 +882,11 @@ def save_atomic_json(obj, path):
 
 
 def write_atomic(path, write):
-    """Every file of a run is written here, whole or not at all: write(f) fills a temporary file
-    created new in the same folder (O_EXCL, so a symlink planted there is never followed), which is
-    synced to disk and then renamed over `path`, and the folder synced: a kill or a power cut
-    leaves the old file or the new one, never part of one. An OSError (disk full, no permission)
-    is one UserError naming the file and the reason; the temporary is removed, the old file kept."""
-    path, tmp = Path(path), None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with open(fd, "wb") as f:
-            file = ErrorKeeping(f)
-            try:
-                write(file)
-            except RuntimeError as e:  # torch.save's "unexpected pos ...": a write failed; say why
-                raise file.error or e
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
-        raise UserError(f"{path}: could not write it ({e.strerror or e}); {kept}") from e
-    finally:
-        if tmp is not None:  # also after Ctrl-C
-            with suppress(OSError):
-                os.unlink(tmp)
-    with suppress(OSError):  # the rename reaches the disk too (some file systems cannot sync a dir)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-class ErrorKeeping:
-    """A file that keeps the OSError of a failed write: torch.save reports it as a RuntimeError
-    that does not say why."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, b):
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        self.f.flush()
+    """Every file of a run is written by formats.write_atomic, whole or not at all (an exclusive
+    temporary in the same folder, synced, renamed); a file that cannot be written (disk full, no
+    permission) is a UserError naming it and the reason: one line."""
+    with user_errors(kinds=(formats.WriteError,)):
+        formats.write_atomic(path, write)
 
 
 # -----------------------------------------------------------------------------
