@@ -655,3 +655,22 @@ def test_type_choice_and_range_errors_are_one_line_naming_every_bad_flag_with_st
     help = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert help.returncode == 0 and "--precision {auto,fp32,bf16}" in help.stdout  # choices shown
+
+
+def test_soups_script_adds_the_dev_chosen_soups_to_an_older_runs_summary(sst2, tmp_path):
+    """results/soups.py on a run that tested only merged: the summary gains greedy and best-expert
+    as train.py would have tested them, and the merged number is left as it was."""
+    sys.path.insert(0, str(ROOT / "results"))
+    import soups
+    ckpt, glue = sst2
+    out = tmp_path / "run-s0"
+    results = train.main(config(ckpt, glue, out, epochs=1, experts=3, test_modes="merged"))
+    (tmp_path / "summaries").mkdir()
+    (tmp_path / "summaries" / "run-s0.json").write_text(json.dumps(results))
+    soups.add_soups(out, summaries=tmp_path / "summaries")
+    added = json.loads((tmp_path / "summaries" / "run-s0.json").read_text())
+    assert added["test"]["merged"] == results["test"]["merged"]
+    again = train.main(config(ckpt, glue, tmp_path / "again", epochs=1, experts=3))  # the same run
+    assert added["test"]["greedy"] == again["test"]["greedy"]
+    assert added["test"]["best-expert"] == again["test"]["best-expert"]
+    assert added["soups"]["greedy"] == again["soups"]["greedy"]
