@@ -287,12 +287,7 @@ def main(cfg):
     if ddp:
         dist.barrier()
     load_best(out_dir / "model.pt", net, cfg, device, run.run_id)
-    modes = inference_modes(cfg, kind, router)
-    soups, chosen = {}, None  # greedy and best-expert: experts chosen on dev, then tested
-    if {"greedy", "best-expert"} & set(modes):
-        soups, chosen = choose_soups(net, router, dev, task, cfg, ctx, device)
-    test_metrics = {m: score_test(net, router, tokenizer, task, cfg, soups.get(m, m), ctx, device)
-                    for m in modes}
+    test_metrics, chosen = score_modes(net, router, tokenizer, task, dev, cfg, ctx, device)
     trained_s = None if run.trained_s is None else run.trained_s + wall
     results = dict(config=dataclasses.asdict(cfg), run_id=run.run_id, parameters=counts,
                    history=run.history, test=test_metrics,
@@ -390,6 +385,18 @@ def choose_soups(net, router, dev, task, cfg, ctx, device):
             soup, best = soup + [k], score
     modes = {"best-expert": f"expert:{order[0]}", "greedy": "soup:" + ",".join(map(str, soup))}
     return modes, dict(dev_alone=alone, dev_greedy=best, **modes)
+
+
+def score_modes(net, router, tokenizer, task, dev, cfg, ctx, device):
+    """The test split's metrics in every inference mode of the run (inference_modes); greedy and
+    best-expert test the experts that dev chose first. -> (metrics by mode, the soups or None)"""
+    modes = inference_modes(cfg, task_kind(task), router)
+    soups, chosen = {}, None
+    if {"greedy", "best-expert"} & set(modes):
+        soups, chosen = choose_soups(net, router, dev, task, cfg, ctx, device)
+    metrics = {m: score_test(net, router, tokenizer, task, cfg, soups.get(m, m), ctx, device)
+               for m in modes}
+    return metrics, chosen
 
 
 def score_test(net, router, tokenizer, task, cfg, mode, ctx, device):
