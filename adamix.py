@@ -332,15 +332,8 @@ def set_inference(model, mode="merged"):
     a greedy soup picks on held-out data; fold_lora, collapse_experts and unwrap then fold it),
     "random" (a fresh route at every call, from the router's generator), "expert:k", "ensemble"
     (only inside adamix.ensemble, which pins one route per forward; a plain forward raises)."""
-    known = mode in ("merged", "random", "ensemble") or re.fullmatch(r"expert:\d+", mode)
-    if not (known or re.fullmatch(r"soup:\d+(,\d+)*", mode)):
-        raise ValueError(f"unknown inference mode {mode!r}")
-    chosen = [int(k) for k in re.findall(r"\d+", mode)]  # expert:k or soup:i,j,...
-    if len(set(chosen)) < len(chosen):
-        raise ValueError(f"{mode}: an expert twice")
+    _check_mode(model, mode)  # or a ValueError: an unknown mode, or experts the mixtures lack
     for m in mixtures(model):
-        if chosen and max(chosen) >= max(m.sizes()):
-            raise ValueError(f"{mode}: the mixture has only {max(m.sizes())} experts")
         m.inference = mode
 
 
@@ -479,6 +472,19 @@ def _remember(m, x, route):
     if m.training:
         m.ledger.append((_random_key(x.device), route))
     return route
+
+
+def _check_mode(model, mode):
+    """set_inference's mode: a known one, and only experts that every mixture has."""
+    known = mode in ("merged", "random", "ensemble") or re.fullmatch(r"expert:\d+", mode)
+    if not (known or re.fullmatch(r"soup:\d+(,\d+)*", mode)):
+        raise ValueError(f"unknown inference mode {mode!r}")
+    chosen = [int(k) for k in re.findall(r"\d+", mode)]  # expert:k or soup:i,j,...
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"{mode}: an expert twice")
+    for m in mixtures(model):
+        if chosen and max(chosen) >= max(m.sizes()):
+            raise ValueError(f"{mode}: the mixture has only {max(m.sizes())} experts")
 
 
 # --- wrapper prefixes: torch.compile, DataParallel, DDP; a model's mixtures and routers; heads
