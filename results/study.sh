@@ -165,7 +165,7 @@ mixreglora() {  # 6. the same question where AdaMix won (part lora: 10 epochs, l
 every() {  # 7. a cheaper consistency step: the second pass and the KL on every k-th step only, at the
            # default run's budget (2 epochs, lr 3e-3, bf16); k = 1 is the default run itself, rerun with
            # this code (its attention path changed in bf16), whose test also has the dev-chosen soups
-  for seed in ${SEEDS:-0 1}; do
+  for seed in ${SEEDS:-0 1 2}; do
     for k in 1 2 4; do
       run every-adamix-adapter-k$k-s$seed --method adamix-adapter --epochs 2 --seed $seed --lr 3e-3 \
         --precision bf16 --consistency_every $k
