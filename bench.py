@@ -131,6 +131,10 @@ def bench(args):
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     # each row is timed in every precision, in the same rounds
     precisions = args.precisions.split(",")
+    # what train.py does on a CPU, unless told to measure without it
+    give_back = getattr(args, "give_back_memory", False)
+    kept = device == "cpu" and not give_back and train.keep_freed_memory()
+    cast_once = not getattr(args, "cast_every_forward", False)
     base = from_pretrained(args.model)
     decoder = base.config.decoder  # a language model: next-token loss, and decoding speed
     if not decoder:
@@ -159,6 +163,8 @@ def bench(args):
         cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
         net, router = train.adapt(copy.deepcopy(base), cfg)
         net.to(device).train()
+        if precision == "bf16" and cast_once:  # as train.py: frozen weights in bf16 for the run
+            train.keep_frozen_weights_in_bf16(net)
         opt = train.make_optimizer(net, cfg)
 
         def step(net=net, router=router, cfg=cfg, opt=opt, precision=precision):
@@ -219,7 +225,7 @@ def bench(args):
         machine=machine, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, device=device,
         model=args.model, batch_size=B, seq_len=T, experts=args.experts, bottleneck=args.bottleneck,
         lora_rank=args.lora_rank, matmul_flops_per_s=peak, precisions=precisions, training={},
-        inference={})
+        inference={}, freed_memory_kept=bool(kept), frozen_weights_cast_once=cast_once)
     # ratios within one precision; bf16 against fp32 in print_report
     for (n, p), s in step_s.items():
         report["training"].setdefault(n, {})[p] = dict(
@@ -247,6 +253,9 @@ def print_report(r):
           f"adapter r={r['bottleneck']}, LoRA r={r['lora_rank']}; {r['device']}: {r['machine']}, "
           f"{r['date']}")
     ps = r["precisions"]
+    cast = "bf16 for the run" if r["frozen_weights_cast_once"] else "cast at every forward"
+    print(f"freed memory kept for the next step: {'yes' if r['freed_memory_kept'] else 'no'}; "
+          f"frozen weights in bf16 rows: {cast}")
 
     def vs(by, key):  # bf16/fp32
         return f"{by['bf16'][key] / by['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""
@@ -404,6 +413,12 @@ if __name__ == "__main__":
                    help="print the results table of the runs in FOLDER instead")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of every training row: its three costliest ops")
+    p.add_argument("--give_back_memory", action="store_true",
+                   help="measure with glibc's default: memory freed by a step goes back to the "
+                        "system (train.py keeps it: train.keep_freed_memory)")
+    p.add_argument("--cast_every_forward", action="store_true",
+                   help="bf16 rows: autocast casts the frozen weights at every forward (train.py "
+                        "keeps them in bf16: train.keep_frozen_weights_in_bf16)")
     p.add_argument("--attention", action="store_true",
                    help="measure the attention rule instead (out/bench-attention.json)")
     args = p.parse_args()
