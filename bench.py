@@ -155,10 +155,15 @@ def bench(args):
 
     # --- training steps, keyed (name, precision)
     jobs, flops, memory, trainable = {}, {}, {}, {}
-    for (name, flags), precision in itertools.product(TRAINING.items(), precisions):
+    compile_too = (False, True) if getattr(args, "compile", False) else (False,)
+    if compile_too[-1]:  # one compiled graph per row and precision, not eight in all
+        torch._dynamo.config.recompile_limit = 64
+    for (name, flags), precision, compiled in itertools.product(TRAINING.items(), precisions,
+                                                                compile_too):
         # a language model has no task head to train alone
         if decoder and flags["method"] == "head-only":
             continue
+        eager, name = name, name + ", compiled" if compiled else name
         cfg = train.TrainConfig(**common, **flags)
         cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
         net, router = train.adapt(copy.deepcopy(base), cfg)
@@ -166,6 +171,8 @@ def bench(args):
         if precision == "bf16" and cast_once:  # as train.py: frozen weights in bf16 for the run
             train.keep_frozen_weights_in_bf16(net)
         opt = train.make_optimizer(net, cfg)
+        if compiled:  # torch.compile of the network; each mixture's choice of experts stays eager
+            net.compile()
 
         def step(net=net, router=router, cfg=cfg, opt=opt, precision=precision):
             with train.autocast(precision, device):
@@ -174,11 +181,15 @@ def bench(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
         jobs[name, precision] = step
-        with FlopCounterMode(display=False) as counter:
+        if compiled:  # compile now; under FlopCounterMode torch.compile would skip it for good
             step()
-        flops[name, precision] = counter.get_total_flops()
-        with train.autocast(precision, device):
-            memory[name, precision] = saved_activation_bytes(
+            flops[name, precision] = flops[eager, precision]  # the same work
+        else:
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops[name, precision] = counter.get_total_flops()
+        with train.autocast(precision, device):  # not measured compiled: the hook would be traced
+            memory[name, precision] = None if compiled else saved_activation_bytes(
                 lambda: train.training_loss(net, router, batch, cfg, kind))
         trainable[name] = adamix.count_parameters(net, head=train.head_of(net))["trainable"]
         opt.zero_grad(set_to_none=True)
@@ -232,7 +243,8 @@ def bench(args):
             step_ms=1e3 * s, vs_adapter=s / step_s["adapter", p], tokens_per_s=B * T / s,
             flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s,
             of_matmul_peak=flops[n, p] / s / peak[p],
-            saved_activations_mb=memory[n, p] / 2**20, trainable_params=trainable[n],
+            saved_activations_mb=memory[n, p] and memory[n, p] / 2**20,
+            trainable_params=trainable[n],
             attention=attention_path_of(T, p, device), top_ops=top_ops.get((n, p)))
     for (n, p), s in infer_s.items():
         report["inference"].setdefault(n, {})[p] = dict(
@@ -259,15 +271,17 @@ def print_report(r):
 
     def vs(by, key):  # bf16/fp32
         return f"{by['bf16'][key] / by['fp32'][key]:>10.2f}" if ps == ["fp32", "bf16"] else ""
-    print(f"\n{'training step':<28}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}"
+    w = max(28, 2 + max(map(len, r["training"])))  # the names' column
+    print(f"\n{'training step':<{w}}{'precision':>10}{'ms':>9}{'x adapter':>11}{'tokens/s':>10}"
           f"{'GFLOP':>8}{'of matmul':>11}{'act. MB':>9}{'trained':>10}{'attention':>13}"
           + ("  bf16/fp32" if len(ps) == 2 else ""))
     for n, by in r["training"].items():
         for p, t in by.items():
-            print(f"{n if p == ps[0] else '':<28}{p:>10}{t['step_ms']:>9.1f}"
+            mb = t["saved_activations_mb"]
+            print(f"{n if p == ps[0] else '':<{w}}{p:>10}{t['step_ms']:>9.1f}"
                   f"{t['vs_adapter']:>11.2f}{t['tokens_per_s']:>10.0f}"
                   f"{t['flops_per_step'] / 1e9:>8.1f}{100 * t['of_matmul_peak']:>10.0f}%"
-                  f"{t['saved_activations_mb']:>9.0f}{t['trainable_params']:>10,}"
+                  f"{'-' if mb is None else f'{mb:.0f}':>9}{t['trainable_params']:>10,}"
                   f"{t.get('attention', ''):>13}" + (vs(by, "step_ms") if p == ps[-1] else ""))
     for n, by in r["training"].items():
         for p, t in by.items():
@@ -419,6 +433,8 @@ if __name__ == "__main__":
     p.add_argument("--cast_every_forward", action="store_true",
                    help="bf16 rows: autocast casts the frozen weights at every forward (train.py "
                         "keeps them in bf16: train.keep_frozen_weights_in_bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every training row with the network under torch.compile")
     p.add_argument("--attention", action="store_true",
                    help="measure the attention rule instead (out/bench-attention.json)")
     args = p.parse_args()

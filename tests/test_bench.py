@@ -73,3 +73,19 @@ def test_bench_of_a_decoder_times_decoding(tmp_path):
     assert rows == {(n, c) for n in bench.DECODING for c in (True, False)}
     assert r["inference"]["AdaMix LoRA, folded"]["fp32"]["added_params"] == 0
     bench.print_report(r)
+
+
+@pytest.mark.slow  # compiling every row takes a minute or more on a CPU
+def test_bench_compile_times_every_training_row_compiled_too(tmp_path):
+    """--compile adds a compiled twin of every training row, really compiled (dynamo's frames)."""
+    import torch._dynamo.utils
+    shutil.copytree(FIXTURES / "tiny-bert-legacy", tmp_path / "ckpt")
+    args = SimpleNamespace(model=str(tmp_path / "ckpt"), batch_size=2, seq_len=8, experts=2, bottleneck=4, lora_rank=2,
+                           rounds=1, repeats=1, device="cpu", precisions="fp32", new_tokens=2, compile=True)
+    torch._dynamo.utils.counters.clear()
+    r = bench.bench(args)
+    assert set(r["training"]) == set(bench.TRAINING) | {f"{n}, compiled" for n in bench.TRAINING}
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0
+    compiled = r["training"]["adapter, compiled"]["fp32"]
+    assert compiled["saved_activations_mb"] is None  # not measured: the hook would be traced
+    assert compiled["flops_per_step"] == r["training"]["adapter"]["fp32"]["flops_per_step"]
