@@ -568,7 +568,7 @@ def keep_freed_memory():
     """Linux (glibc) CPUs: keep the memory a step frees for the next step. By default glibc gives
     the top of its heap back to the system as soon as a few MB there are free, and the next step
     takes it back page by page: tens of thousands of page faults per step, most for steps that free
-    the most (two passes, LoRA's dropout on x), so AdaMix-LoRA cost 2.2x a LoRA step instead of 2x.
+    the most (two passes, LoRA's dropout on x): AdaMix-LoRA cost 2.1-2.2 LoRA steps, not 2.
     Blocks up to 32 MiB (glibc's maximum) then come from the heap, which is never trimmed; the
     process keeps its peak memory, which every step reaches again. Elsewhere: nothing.
     -> True if set."""
