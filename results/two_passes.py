@@ -4,7 +4,8 @@ results/two_passes.py: does a two-pass AdaMix step cost two passes? One configur
 steps interleaved as bench.py times them; all-MiniLM-L6-v2, batch 32 x 64 tokens.
 
     OMP_NUM_THREADS=1 python results/two_passes.py fp32 keep once
-    for m in give_back keep; do for c in every once; do python results/two_passes.py bf16 $m $c; done; done
+    for m in give_back keep; do for c in every once; do
+        python results/two_passes.py bf16 $m $c; done; done
 
 precision: fp32 | bf16. memory: keep (train.keep_freed_memory, what train.py does on a CPU) or
 give_back (glibc's default). cast: once (train.keep_frozen_weights_in_bf16, what train.py does in
