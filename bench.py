@@ -155,15 +155,15 @@ def bench(args):
 
     # --- training steps, keyed (name, precision)
     jobs, flops, memory, trainable = {}, {}, {}, {}
-    compile_too = (False, True) if getattr(args, "compile", False) else (False,)
-    if compile_too[-1]:  # one compiled graph per row and precision, not eight in all
+    also_compiled = getattr(args, "compile", False)
+    if also_compiled:  # one compiled graph per row and precision, not eight in all
         torch._dynamo.config.recompile_limit = 64
-    for (name, flags), precision, compiled in itertools.product(TRAINING.items(), precisions,
-                                                                compile_too):
+    for (eager, flags), precision, compiled in itertools.product(
+            TRAINING.items(), precisions, (False, True) if also_compiled else (False,)):
         # a language model has no task head to train alone
         if decoder and flags["method"] == "head-only":
             continue
-        eager, name = name, name + ", compiled" if compiled else name
+        name = f"{eager}, compiled" if compiled else eager  # the row's name
         cfg = train.TrainConfig(**common, **flags)
         cfg.consistency = 1.0 if cfg.method.startswith("adamix") else 0.0
         net, router = train.adapt(copy.deepcopy(base), cfg)
@@ -243,7 +243,7 @@ def bench(args):
             step_ms=1e3 * s, vs_adapter=s / step_s["adapter", p], tokens_per_s=B * T / s,
             flops_per_step=flops[n, p], achieved_flops_per_s=flops[n, p] / s,
             of_matmul_peak=flops[n, p] / s / peak[p],
-            saved_activations_mb=memory[n, p] and memory[n, p] / 2**20,
+            saved_activations_mb=None if memory[n, p] is None else memory[n, p] / 2**20,
             trainable_params=trainable[n],
             attention=attention_path_of(T, p, device), top_ops=top_ops.get((n, p)))
     for (n, p), s in infer_s.items():
