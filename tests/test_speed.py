@@ -65,6 +65,7 @@ def test_frozen_weights_kept_in_bf16_train_bit_for_bit_as_autocast_casts(name, m
         if isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm)):
             assert m.weight.dtype == torch.float32, m
         elif isinstance(m, torch.nn.Linear) and not m.weight.requires_grad:
+            # bf16, unless the Linear shares the embedding's weight (a tied LM head): fp32
             assert (m.weight.dtype == torch.bfloat16) != (m.weight is net.wte.weight)
 
 
